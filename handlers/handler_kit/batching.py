@@ -1,0 +1,39 @@
+"""Per-request stages inside a server-side batch: one bad request must not fail the others."""
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Sequence
+
+from handler_kit.errors import RequestError
+
+
+@dataclass
+class Batch:
+    """Outcome of preparing a batch: inputs of the good requests, errors of the bad ones."""
+    size: int
+    good_indices: List[int] = field(default_factory=list)
+    items: List[Any] = field(default_factory=list)
+    errors: Dict[int, RequestError] = field(default_factory=dict)
+
+
+def prepare(requests: Sequence[Any], stage: Callable[[Any], Any]) -> Batch:
+    """Apply ``stage`` to each request; a RequestError is kept for that request only."""
+    batch = Batch(size=len(requests))
+    for idx, request in enumerate(requests):
+        try:
+            item = stage(request)
+        except RequestError as exc:
+            batch.errors[idx] = exc
+            continue
+        batch.good_indices.append(idx)
+        batch.items.append(item)
+    return batch
+
+
+def merge(batch: Batch, results: Sequence[Any], set_status: Callable[[int, int, str], None]) -> list:
+    """One response per request, in request order; errors get their status and a JSON body."""
+    responses: list = [None] * batch.size
+    for idx, result in zip(batch.good_indices, results):
+        responses[idx] = result
+    for idx, error in batch.errors.items():
+        set_status(idx, error.status, error.message)
+        responses[idx] = error.to_body()
+    return responses

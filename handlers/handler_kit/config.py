@@ -1,0 +1,142 @@
+"""The handler section of an archive's model-config.yaml, checked when the model loads.
+
+Every model fact (sizes, mean/std, labels, dtype, weights) lives in the archive's configuration;
+handlers hold none. A wrong key fails the load with a message naming it and what is allowed.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from handler_kit.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+COLOR_MODES = ("rgb", "grayscale")
+
+
+def _require(section: dict, key: str, where: str):
+    if key not in section:
+        raise ConfigError(f"model-config.yaml: '{where}.{key}' is missing")
+    return section[key]
+
+
+def _check_keys(section: Any, allowed: tuple, where: str) -> dict:
+    if not isinstance(section, dict):
+        raise ConfigError(f"model-config.yaml: '{where}' must be a mapping, got {type(section).__name__}")
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise ConfigError(f"model-config.yaml: unknown key '{where}.{unknown[0]}'; "
+                          f"allowed keys: {', '.join(allowed)}")
+    return section
+
+
+def _choice(value, allowed: tuple, where: str):
+    if value not in allowed:
+        raise ConfigError(f"model-config.yaml: '{where}' is {value!r}; allowed values: {', '.join(allowed)}")
+    return value
+
+
+def _positive_int(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"model-config.yaml: '{where}' must be a positive integer, got {value!r}")
+    return value
+
+
+def _floats(value, length: int, where: str) -> tuple:
+    if (not isinstance(value, (list, tuple)) or len(value) != length
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise ConfigError(f"model-config.yaml: '{where}' must be a list of {length} numbers, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build the network and where its weights are inside the archive."""
+    module: str           # importable module: a file shipped in the archive, or e.g. torchvision.models
+    factory: str          # callable in that module returning an nn.Module
+    weights: str          # state_dict file inside the archive, loaded with weights_only=True
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    color: str            # rgb | grayscale
+    resize: int           # shorter side is resized to this
+    crop: int             # then a centre square of this side is cut
+    mean: tuple
+    std: tuple
+    max_pixels: int       # decoded-size limit, checked from the header before decoding
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    device: str = "auto"          # auto: the GPU TorchServe assigns, else CPU
+    dtype: str = "float32"        # float32, or autocast to bfloat16/float16
+    channels_last: bool = True
+    threads: Optional[int] = None  # None: cores / workers of this model
+
+
+@dataclass(frozen=True)
+class ImageClassifierConfig:
+    model: ModelSpec
+    image: ImageSpec
+    runtime: RuntimeSpec
+    labels: str
+    topk: int
+    meta: dict
+
+
+def parse_model(section) -> ModelSpec:
+    s = _check_keys(section, ("module", "factory", "weights", "kwargs"), "handler.model")
+    kwargs = s.get("kwargs", {}) or {}
+    if not isinstance(kwargs, dict):
+        raise ConfigError("model-config.yaml: 'handler.model.kwargs' must be a mapping")
+    return ModelSpec(module=str(_require(s, "module", "handler.model")),
+                     factory=str(_require(s, "factory", "handler.model")),
+                     weights=str(_require(s, "weights", "handler.model")), kwargs=kwargs)
+
+
+def parse_runtime(section) -> RuntimeSpec:
+    s = _check_keys(section or {}, ("device", "dtype", "channels_last", "threads"), "handler.runtime")
+    threads = s.get("threads", "auto")
+    if threads == "auto":
+        threads = None
+    else:
+        threads = _positive_int(threads, "handler.runtime.threads")
+    channels_last = s.get("channels_last", True)
+    if not isinstance(channels_last, bool):
+        raise ConfigError("model-config.yaml: 'handler.runtime.channels_last' must be true or false")
+    return RuntimeSpec(device=_choice(s.get("device", "auto"), DEVICES, "handler.runtime.device"),
+                       dtype=_choice(s.get("dtype", "float32"), DTYPES, "handler.runtime.dtype"),
+                       channels_last=channels_last, threads=threads)
+
+
+def parse_image(section) -> ImageSpec:
+    s = _check_keys(section, ("color", "resize", "crop", "mean", "std", "max_pixels"), "handler.image")
+    color = _choice(s.get("color", "rgb"), COLOR_MODES, "handler.image.color")
+    channels = 3 if color == "rgb" else 1
+    resize = _positive_int(_require(s, "resize", "handler.image"), "handler.image.resize")
+    crop = _positive_int(s.get("crop", resize), "handler.image.crop")
+    if crop > resize:
+        raise ConfigError(f"model-config.yaml: 'handler.image.crop' ({crop}) must not exceed "
+                          f"'handler.image.resize' ({resize})")
+    std = _floats(_require(s, "std", "handler.image"), channels, "handler.image.std")
+    if any(v <= 0 for v in std):
+        raise ConfigError("model-config.yaml: 'handler.image.std' values must be > 0")
+    return ImageSpec(color=color, resize=resize, crop=crop,
+                     mean=_floats(_require(s, "mean", "handler.image"), channels, "handler.image.mean"),
+                     std=std,
+                     max_pixels=_positive_int(s.get("max_pixels", 50_000_000), "handler.image.max_pixels"))
+
+
+def parse_image_classifier(handler_section) -> ImageClassifierConfig:
+    """Validate the ``handler:`` section of model-config.yaml for the image classifier."""
+    s = _check_keys(handler_section, ("model", "image", "runtime", "labels", "topk", "meta"), "handler")
+    meta = s.get("meta", {}) or {}
+    if not isinstance(meta, dict):
+        raise ConfigError("model-config.yaml: 'handler.meta' must be a mapping")
+    return ImageClassifierConfig(model=parse_model(_require(s, "model", "handler")),
+                                 image=parse_image(_require(s, "image", "handler")),
+                                 runtime=parse_runtime(s.get("runtime")),
+                                 labels=str(_require(s, "labels", "handler")),
+                                 topk=_positive_int(s.get("topk", 5), "handler.topk"),
+                                 meta=meta)

@@ -1,0 +1,81 @@
+"""Image stages: bytes -> checked, decoded uint8 tensor -> normalized batch tensor.
+
+Decoding uses torchvision's decoders (libjpeg-turbo, libpng, libwebp); PIL only reads the header,
+so that the pixel limit is enforced before any pixels are decoded.
+"""
+import io
+import warnings
+from typing import Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as F
+
+from handler_kit.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
+
+# PIL format name -> what we call it; MPO is the multi-picture JPEG many phones write.
+DECODABLE_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF"}
+
+
+def inspect_header(data: bytes, max_pixels: int) -> tuple:
+    """(format, width, height) from the header alone; refuses unknown formats and pixel bombs."""
+    if not data:
+        raise BadInput("image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                fmt, (width, height) = img.format, img.size
+    except Image.DecompressionBombError as exc:
+        raise PayloadTooLarge(f"image declares too many pixels: {exc}") from None
+    except UnidentifiedImageError:
+        raise BadInput(f"body is not a recognizable image ({len(data)} bytes); "
+                       "send JPEG, PNG, WebP or GIF") from None
+    except Exception as exc:  # PIL raises assorted errors on broken headers
+        raise BadInput(f"image header is corrupt: {exc}") from None
+    if fmt not in DECODABLE_FORMATS:
+        raise UnsupportedMediaType(f"image format {fmt} is not supported; send JPEG, PNG, WebP or GIF")
+    if width < 1 or height < 1:
+        raise BadInput(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(f"image is {width}x{height} = {width * height} pixels, above the "
+                              f"limit of {max_pixels} pixels")
+    return DECODABLE_FORMATS[fmt], width, height
+
+
+def decode(data: bytes, color: str, max_pixels: int) -> torch.Tensor:
+    """Decode one image to a uint8 CxHxW tensor (C=3 for rgb, 1 for grayscale), EXIF-rotated."""
+    fmt, _, _ = inspect_header(data, max_pixels)
+    mode = ImageReadMode.RGB if color == "rgb" else ImageReadMode.GRAY
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        image = decode_image(raw, mode=mode, apply_exif_orientation=True)
+    except RuntimeError as exc:
+        raise BadInput(f"{fmt} image could not be decoded: {str(exc).splitlines()[0]}") from None
+    if image.ndim == 4:  # animated GIF: the first frame
+        image = image[0]
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        image = F.to_dtype(image, torch.uint8, scale=True)
+    channels = 3 if color == "rgb" else 1
+    if image.shape[0] != channels:  # decoders that ignore the mode (GIF)
+        image = image[:3] if image.shape[0] >= 3 else image[:1].expand(3, -1, -1)
+        if channels == 1:
+            image = F.rgb_to_grayscale(image)
+    return image
+
+
+def resize_and_crop(image: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
+    """Shorter side to ``resize`` (antialiased), then the centre ``crop`` x ``crop`` square."""
+    image = F.resize(image, [resize], antialias=True)
+    return F.center_crop(image, [crop, crop])
+
+
+def to_batch(images: Sequence[torch.Tensor], mean: Sequence[float], std: Sequence[float],
+             channels_last: bool = False) -> torch.Tensor:
+    """Stack same-sized uint8 images and normalize them in one batched operation."""
+    batch = torch.stack(list(images)).to(torch.float32).div_(255.0)
+    batch = F.normalize(batch, mean=list(mean), std=list(std), inplace=True)
+    if channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch

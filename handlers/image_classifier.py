@@ -1,0 +1,91 @@
+"""TorchServe handler for image classification; every model fact comes from the archive's config.
+
+Stages (each a plain function in handler_kit, unit-tested on its own):
+wire.binary_payload -> vision.decode -> vision.resize_and_crop -> vision.to_batch -> model
+-> outputs.topk_predictions. A request that fails a stage gets its own 4xx; the rest of the
+server-side batch is answered.
+"""
+import io
+import logging
+import os
+import time
+
+import torch
+from PIL import Image
+from ts.torch_handler.base_handler import BaseHandler
+
+from handler_kit import batching, runtime, vision, wire
+from handler_kit.config import parse_image_classifier
+from handler_kit.outputs import load_labels, topk_predictions
+
+logger = logging.getLogger(__name__)
+
+
+class ImageClassifierHandler(BaseHandler):
+    def initialize(self, context):
+        properties = context.system_properties
+        model_dir = properties.get("model_dir")
+        model_config = context.model_yaml_config or {}
+        self.config = parse_image_classifier(model_config.get("handler"))
+        cfg = self.config
+        self.device = runtime.select_device(cfg.runtime.device, properties.get("gpu_id"))
+        if self.device.type == "cpu":
+            threads = runtime.thread_budget(cfg.runtime.threads, model_config.get("maxWorkers", 1),
+                                            os.cpu_count() or 1)
+            runtime.apply_thread_budget(threads)
+        self.channels_last = cfg.runtime.channels_last
+        self.model = runtime.build_model(cfg.model.module, cfg.model.factory, cfg.model.kwargs,
+                                         os.path.join(model_dir, cfg.model.weights), self.device,
+                                         self.channels_last)
+        self.labels = load_labels(os.path.join(model_dir, cfg.labels),
+                                  cfg.model.kwargs.get("num_classes"))
+        self.max_batch = int(properties.get("batch_size") or 1)
+        self._warm_up()
+        self.initialized = True
+        logger.info("model ready on %s (threads=%d, dtype=%s, batch<=%d)", self.device,
+                    torch.get_num_threads(), cfg.runtime.dtype, self.max_batch)
+
+    def _warm_up(self):
+        """A worker is ready only once a full-size batch has gone through every stage."""
+        image = Image.linear_gradient("L").convert("RGB").resize((320, 240))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        requests = [{"body": buffer.getvalue()}] * self.max_batch
+        started = time.perf_counter()
+        results = self.postprocess(self.inference(self.preprocess(requests)))
+        bad = [r for r in results if not isinstance(r, list)]
+        if bad:
+            raise RuntimeError(f"warm-up inference failed: {bad[0]}")
+        logger.info("warm-up batch of %d took %.0f ms", self.max_batch,
+                    (time.perf_counter() - started) * 1000)
+
+    def _prepare_one(self, request) -> torch.Tensor:
+        image_cfg = self.config.image
+        image = vision.decode(wire.binary_payload(request), image_cfg.color, image_cfg.max_pixels)
+        return vision.resize_and_crop(image, image_cfg.resize, image_cfg.crop)
+
+    def preprocess(self, data):
+        return batching.prepare(data, self._prepare_one)
+
+    def inference(self, batch, *args, **kwargs):
+        if not batch.items:
+            return batch, None
+        image_cfg = self.config.image
+        inputs = vision.to_batch(batch.items, image_cfg.mean, image_cfg.std, self.channels_last)
+        with torch.inference_mode(), runtime.autocast(self.device, self.config.runtime.dtype):
+            logits = self.model(inputs.to(self.device, non_blocking=True))
+        return batch, logits
+
+    def postprocess(self, data):
+        batch, logits = data
+        results = [] if logits is None else topk_predictions(logits, self.labels, self.config.topk)
+        return batching.merge(batch, results, self._set_status)
+
+    def _set_status(self, idx, code, message):
+        context = getattr(self, "context", None)
+        if context is not None:
+            context.set_response_status(code, message, idx)
+
+    def describe_handle(self):
+        """Answer of the management API's describe call with ``?customized=true``."""
+        return {"meta": self.config.meta, "device": str(self.device), "dtype": self.config.runtime.dtype}

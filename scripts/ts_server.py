@@ -1,0 +1,164 @@
+"""Starting and stopping a real TorchServe (Java frontend + Python workers) from a home folder.
+
+``torchserve --start`` keeps its pid file in the temporary directory and its key file and logs in
+the current directory; giving each server its own home (TMPDIR, cwd, LOG_LOCATION) lets the tests
+and the benchmark run servers beside the one ``make serve`` started.
+"""
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import closing
+from typing import Optional
+
+import psutil
+import requests
+
+from scripts.catalog import Catalog, parse_config_properties, render_config_properties
+from scripts.ts_client import TorchServeClient
+
+MIN_JAVA = 17
+
+
+def check_java() -> str:
+    """The java version string, or SystemExit with what to do about it."""
+    java = shutil.which("java")
+    hint = ("TorchServe needs Java 17 or newer. Install it with:\n"
+            "  apt-get update && apt-get install -y openjdk-17-jre-headless\n"
+            "or set JAVA_HOME/PATH to an existing Java 17 runtime.")
+    if not java:
+        raise SystemExit(f"java was not found on PATH. {hint}")
+    output = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    match = re.search(r'version "(\d+)', output)
+    if not match or int(match.group(1)) < MIN_JAVA:
+        raise SystemExit(f"found {output.splitlines()[0] if output else java}. {hint}")
+    return output.splitlines()[0]
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_addresses() -> dict:
+    """Fresh 127.0.0.1 ports for every listener."""
+    return {"inference_address": f"http://127.0.0.1:{free_port()}",
+            "management_address": f"http://127.0.0.1:{free_port()}",
+            "metrics_address": f"http://127.0.0.1:{free_port()}",
+            "grpc_inference_port": free_port(), "grpc_management_port": free_port()}
+
+
+def torchserve_bin() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "torchserve")
+
+
+class TorchServe:
+    """One TorchServe instance. ``home`` holds its pid file, temporary files and logs; it runs in
+    ``cwd`` (where TorchServe writes key_file.json and resolves a relative model_store)."""
+
+    def __init__(self, home: str, config_path: str, cwd: Optional[str] = None):
+        self.home = os.path.abspath(home)
+        self.cwd = os.path.abspath(cwd or home)
+        self.config_path = os.path.abspath(config_path)
+        with open(self.config_path, encoding="utf-8") as f:
+            props = parse_config_properties(f.read())
+        self.inference_url = props["inference_address"]
+        self.management_url = props["management_address"]
+        self.metrics_url = props.get("metrics_address")
+        self.client = TorchServeClient(self.inference_url, self.management_url, home=self.cwd)
+
+    @classmethod
+    def from_catalog(cls, home: str, catalog: Catalog, model_store: str, load_models: bool = False,
+                     **overrides) -> "TorchServe":
+        """A server configured as config.properties is, but on free ports, with its own store,
+        and (unless ``load_models``) with no model loaded at start."""
+        settings = {**local_addresses(), "model_store": os.path.abspath(model_store), **overrides}
+        if not load_models:
+            catalog = Catalog(server=catalog.server, models=[])
+        os.makedirs(home, exist_ok=True)
+        config_path = os.path.join(home, "config.properties")
+        with open(config_path, "w", encoding="utf-8") as f:
+            f.write(render_config_properties(catalog, settings, header=False))
+        return cls(home, config_path)
+
+    @property
+    def env(self) -> dict:
+        tmp = os.path.join(self.home, "tmp")
+        os.makedirs(tmp, exist_ok=True)
+        env = dict(os.environ)
+        env.update(TMPDIR=tmp, TEMP=tmp, LOG_LOCATION=os.path.join(self.home, "logs"),
+                   METRICS_LOCATION=os.path.join(self.home, "logs"))
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        return env
+
+    def pid(self) -> Optional[int]:
+        try:
+            with open(os.path.join(self.home, "tmp", ".model_server.pid")) as f:
+                pid = int(f.read().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:  # a stale pid file may name a pid that another program now has
+            alive = "org.pytorch.serve.ModelServer" in psutil.Process(pid).cmdline()
+        except psutil.Error:
+            alive = False
+        return pid if alive else None
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        check_java()
+        os.makedirs(os.path.join(self.home, "logs"), exist_ok=True)
+        console = os.path.join(self.home, "logs", "console.log")
+        # The Java frontend inherits stdout/stderr: a file, not a pipe, or we would wait on it.
+        with open(console, "ab") as out:
+            result = subprocess.run([torchserve_bin(), "--start", "--ts-config", self.config_path,
+                                     "--ncs"], cwd=self.cwd, env=self.env, stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    timeout=timeout_s)
+        with open(console, errors="replace") as f:
+            said = f.read()[-2000:]
+        if result.returncode != 0 or "already running" in said:
+            raise RuntimeError(f"torchserve --start failed: {said}")
+        deadline = time.monotonic() + timeout_s
+        while True:  # any HTTP answer (400 without a key included) means the frontend is up
+            try:
+                requests.get(self.inference_url + "/ping", timeout=2)
+                return
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline or self.pid() is None:
+                raise RuntimeError(f"TorchServe did not come up; see {self.home}/logs:\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.3)
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        pid = self.pid()
+        subprocess.run([torchserve_bin(), "--stop"], cwd=self.cwd, env=self.env,
+                       capture_output=True, text=True, timeout=timeout_s)
+        if pid and psutil.pid_exists(pid):
+            try:
+                process = psutil.Process(pid)
+                children = process.children(recursive=True)
+                for p in [process, *children]:
+                    p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+
+    def log_tail(self, lines: int = 40) -> str:
+        out = []
+        for name in ("ts_log.log", "model_log.log"):
+            path = os.path.join(self.home, "logs", name)
+            if os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    out.append(f"--- {name}\n" + "".join(f.readlines()[-lines:]))
+        return "\n".join(out)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
