@@ -1,0 +1,47 @@
+# Two commands for a newcomer: `make serve` (set up everything and serve) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
+
+.PHONY: help venv java build config serve stop test bench clean
+
+help:
+	@echo "make serve   set up .venv, build weights and archives, start TorchServe, wait until READY"
+	@echo "make stop    stop the TorchServe started by make serve"
+	@echo "make test    the whole test suite (unit + integration against a real TorchServe)"
+	@echo "make bench   in-process vs served vs TorchServe's stock handler, side by side"
+	@echo "make build   weights + model_store/*.mar;  make config  regenerate config.properties"
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --progress-bar off -r requirements.txt
+	@rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(STAMP)
+
+java:
+	@bash scripts/ensure_java.sh
+
+build: venv
+	$(PY) -m scripts.build_archives
+
+config: venv
+	$(PY) -m scripts.render_config
+
+serve: venv java build
+	$(PY) -m scripts.serve start
+
+stop: venv
+	$(PY) -m scripts.serve stop
+
+test: venv java
+	$(PY) -m pytest
+
+bench: venv java build
+	$(PY) -m scripts.bench
+
+clean: stop
+	rm -rf build model_store/*.mar model_store/SHA256SUMS .serve logs key_file.json

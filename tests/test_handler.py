@@ -1,0 +1,97 @@
+"""The archived handlers, loaded by TorchServe's own model loader from the real archive contents,
+fed requests through TorchServe's own request reader; no Java frontend."""
+import base64
+import os
+import shutil
+
+import pytest
+import yaml
+
+from tests.ts_harness import infer, load_service
+
+JPEG, PNG, JSON = "image/jpeg", "image/png", "application/json"
+
+
+@pytest.fixture(scope="module")
+def resnet(extracted_archives):
+    return load_service(extracted_archives["resnet18"], batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def digits(extracted_archives):
+    return load_service(extracted_archives["digits"], batch_size=8)
+
+
+def b64_json(data: bytes) -> bytes:
+    return ('{"data": "%s"}' % base64.b64encode(data).decode()).encode()
+
+
+def test_photo_top5_is_the_same_for_every_wire_format(resnet, samples):
+    china = samples.photo_bytes()[0]
+    results = infer(resnet, [("body", JPEG, china), ("data", "application/octet-stream", china),
+                             ("body", JSON, b64_json(china))])
+    assert [status for status, _ in results] == [200, 200, 200]
+    top5 = results[0][1]
+    assert len(top5) == 5 and all(set(p) == {"label", "index", "probability"} for p in top5)
+    probabilities = [p["probability"] for p in top5]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert results[1][1] == top5 and results[2][1] == top5
+
+
+def test_digits_accuracy_matches_what_the_archive_records(digits, samples, extracted_archives):
+    with open(os.path.join(extracted_archives["digits"], "model-config.yaml")) as f:
+        recorded = yaml.safe_load(f)["handler"]["meta"]["heldout_accuracy"]
+    _, _, images, labels = samples.digits_split()
+    correct = 0
+    for start in range(0, len(images), 8):
+        chunk = [("body", PNG, samples.png_bytes(p)) for p in images[start:start + 8]]
+        for (status, top), label in zip(infer(digits, chunk), labels[start:start + 8]):
+            assert status == 200
+            correct += int(top[0]["label"] == str(label))
+    accuracy = correct / len(images)
+    assert accuracy >= 0.97
+    assert accuracy == pytest.approx(recorded, abs=1e-4)  # served pixels == training pixels
+
+
+def test_bad_request_inside_a_batch_fails_alone(digits, samples):
+    _, _, images, labels = samples.digits_split()
+    good = [("body", PNG, samples.png_bytes(p)) for p in images[:6]]
+    alone = infer(digits, good)
+    corrupt = samples.png_bytes(images[0])[:30]
+    mixed = infer(digits, good[:3] + [("body", PNG, corrupt)] + good[3:] + [("body", JSON, b"{oops")])
+    statuses = [status for status, _ in mixed]
+    assert statuses == [200, 200, 200, 400, 200, 200, 200, 400]
+    assert mixed[3][1]["code"] == 400 and "PNG" in mixed[3][1]["message"]
+    assert "not valid JSON" in mixed[7][1]["message"]
+    assert [out for status, out in mixed if status == 200] == [out for _, out in alone]
+
+
+def test_describe_shows_the_archive_meta(digits):
+    handler = digits._entry_point.__self__  # the ImageClassifierHandler instance
+    described = handler.describe_handle()
+    assert described["meta"]["name"] == "digits" and described["meta"]["heldout_accuracy"] >= 0.97
+
+
+def copy_with_config(src: str, dst, edit) -> str:
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "model-config.yaml")
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    edit(config)
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return str(dst)
+
+
+def test_bad_configuration_fails_the_load_naming_the_key(extracted_archives, tmp_path):
+    folder = copy_with_config(extracted_archives["digits"], tmp_path / "digits",
+                              lambda c: c["handler"]["runtime"].update(dtype="int3"))
+    with pytest.raises(ValueError, match="'handler.runtime.dtype' is 'int3'; allowed values"):
+        load_service(folder)
+
+
+def test_weights_that_do_not_fit_fail_at_load_not_at_first_request(extracted_archives, tmp_path):
+    folder = copy_with_config(extracted_archives["digits"], tmp_path / "digits",
+                              lambda c: c["handler"]["model"]["kwargs"].update(num_classes=7))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_service(folder)

@@ -1,0 +1,152 @@
+"""A real TorchServe (Java frontend + Python workers) on free 127.0.0.1 ports, configured as
+config.properties is; the archives are registered through the management API."""
+import base64
+import io
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from scripts.ts_server import TorchServe, check_java
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(catalog, model_store, tmp_path_factory):
+    try:
+        check_java()
+    except SystemExit as exc:
+        pytest.fail(str(exc))
+    ts = TorchServe.from_catalog(str(tmp_path_factory.mktemp("ts")), catalog, model_store)
+    ts.start()
+    try:
+        for entry in catalog.models:
+            s = entry.serving
+            ts.client.register(entry.mar_name, model_name=entry.name, batch_size=s["batchSize"],
+                               max_batch_delay=s["maxBatchDelay"], initial_workers=s["minWorkers"],
+                               response_timeout=s["responseTimeout"], synchronous="true")
+        # A copy of digits with a long batch delay, so that concurrent requests share one batch.
+        ts.client.register("digits.mar", model_name="digits_batched", batch_size=8,
+                           max_batch_delay=2000, initial_workers=1, synchronous="true")
+        ts.client.wait_ready([m.name for m in catalog.models] + ["digits_batched"], 180)
+        yield ts
+    except Exception:
+        print(ts.log_tail())
+        raise
+    finally:
+        ts.stop()
+
+
+def post(server, model, data, headers=None, **kwargs):
+    auth = {"Authorization": f"Bearer {server.client.key('inference')}"}
+    return requests.post(f"{server.inference_url}/predictions/{model}", data=data,
+                         headers={**auth, **(headers or {})}, timeout=120, **kwargs)
+
+
+def test_calls_without_the_key_are_refused_and_with_it_succeed(server):
+    for url in (f"{server.inference_url}/ping", f"{server.management_url}/models"):
+        refused = requests.get(url, timeout=10)
+        assert refused.status_code == 400 and "InvalidKeyException" in refused.text
+    assert server.client.ping() == {"status": "Healthy"}
+    names = {m["modelName"] for m in server.client.list_models()}
+    assert {"resnet18", "digits"} <= names
+
+
+def test_renewed_inference_key_replaces_the_old_one(server, samples):
+    old = server.client.key("inference")
+    server.client.renew_key("inference")
+    assert server.client.key("inference") != old
+    stale = requests.get(f"{server.inference_url}/ping", headers={"Authorization": f"Bearer {old}"}, timeout=10)
+    assert stale.status_code == 400
+    assert server.client.ping()["status"] == "Healthy"
+
+
+def test_photographs_in_every_wire_format(server, samples):
+    for photo in samples.photo_bytes():
+        raw = post(server, "resnet18", photo, {"Content-Type": "image/jpeg"})
+        multipart = requests.post(f"{server.inference_url}/predictions/resnet18",
+                                  files={"data": ("photo.jpg", photo, "image/jpeg")},
+                                  headers={"Authorization": f"Bearer {server.client.key('inference')}"},
+                                  timeout=120)
+        as_json = post(server, "resnet18", json.dumps({"data": base64.b64encode(photo).decode()}),
+                       {"Content-Type": "application/json"})
+        for response in (raw, multipart, as_json):
+            assert response.status_code == 200, response.text
+            top5 = response.json()
+            assert len(top5) == 5 and top5[0]["label"] and 0 < top5[0]["probability"] <= 1
+        assert raw.json() == multipart.json() == as_json.json()
+
+
+def test_digits_are_recognized(server, samples):
+    _, _, images, labels = samples.digits_split()
+    correct = 0
+    for pixels, label in zip(images[:40], labels[:40]):
+        response = post(server, "digits", samples.png_bytes(pixels), {"Content-Type": "image/png"})
+        assert response.status_code == 200, response.text
+        correct += int(response.json()[0]["label"] == str(label))
+    assert correct >= 39  # the model's held-out accuracy is about 99%
+    upscaled = Image.fromarray(images[0]).resize((64, 64), Image.NEAREST)
+    buffer = io.BytesIO()
+    upscaled.save(buffer, format="PNG")
+    assert post(server, "digits", buffer.getvalue()).json()[0]["label"] == str(labels[0])
+
+
+def test_corrupt_image_inside_a_batch_fails_alone(server, samples):
+    _, _, images, labels = samples.digits_split()
+    bodies = [samples.png_bytes(p) for p in images[:7]]
+    png = samples.png_bytes(images[7])
+    bodies.insert(3, png[:len(png) - 20])  # truncated inside its pixel data
+    results = [None] * len(bodies)
+    barrier = threading.Barrier(len(bodies))
+
+    def send(i):
+        barrier.wait()
+        results[i] = post(server, "digits_batched", bodies[i], {"Content-Type": "image/png"})
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[3].status_code == 400
+    assert "PNG image could not be decoded" in results[3].json()["message"]
+    good = [r for i, r in enumerate(results) if i != 3]
+    assert all(r.status_code == 200 for r in good)
+    assert [r.json()[0]["label"] for r in good] == [str(l) for l in labels[:7]]
+
+
+@pytest.mark.parametrize("body, headers, status, message", [
+    (b"", {"Content-Type": "image/jpeg"}, 400, "empty"),
+    (b"<html>hello</html>", {"Content-Type": "image/jpeg"}, 400, "not a recognizable image"),
+    (b'{"data": "%%%"}', {"Content-Type": "application/json"}, 400, "not valid base64"),
+    (b"{broken", {"Content-Type": "application/json"}, 400, "not valid JSON"),
+])
+def test_bad_requests_get_a_4xx_that_says_why(server, body, headers, status, message):
+    response = post(server, "resnet18", body, headers)
+    assert response.status_code == status
+    assert message in response.json()["message"]
+
+
+def test_phone_sized_photo_is_accepted(server, samples):
+    """Above TorchServe's default 6.5 MB request limit, as 12 MP phone photos often are."""
+    photo = Image.open(io.BytesIO(samples.photo_bytes()[1])).convert("RGB").resize((4032, 3024))
+    noise = np.random.default_rng(0).integers(-30, 30, (3024, 4032, 3))  # sensor-like detail
+    photo = Image.fromarray(np.clip(np.asarray(photo, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=95)
+    assert buffer.tell() > 6.5 * 1024 * 1024
+    response = post(server, "resnet18", buffer.getvalue(), {"Content-Type": "image/jpeg"})
+    assert response.status_code == 200, response.text
+
+
+def test_describe_reports_ready_workers_and_the_archive_meta(server):
+    description = server.client.describe("digits")[0]
+    assert description["batchSize"] == 8 and description["workers"][0]["status"] == "READY"
+    customized = server.client.describe("digits", customized=True)[0]
+    meta = customized["customizedMetadata"]["meta"]
+    assert meta["heldout_accuracy"] >= 0.97

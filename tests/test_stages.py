@@ -1,0 +1,205 @@
+"""Each handler stage on its own, on real images and real inputs."""
+import base64
+import io
+import struct
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+from handler_kit import batching, outputs, runtime, vision, wire
+from handler_kit.config import parse_image_classifier
+from handler_kit.errors import BadInput, ConfigError, PayloadTooLarge, UnsupportedMediaType
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def china(samples):
+    return samples.photo_bytes()[0]
+
+
+# -- wire formats ---------------------------------------------------------------------------------
+def test_raw_body_and_multipart_field_give_the_bytes(china):
+    assert wire.binary_payload({"body": bytearray(china)}) == china
+    assert wire.binary_payload({"file": china}) == china  # curl -F file=@photo.jpg
+
+
+def test_base64_json_and_data_url(china):
+    text = base64.b64encode(china).decode()
+    assert wire.binary_payload({"body": {"data": text}}) == china
+    assert wire.binary_payload({"body": {"image": "data:image/jpeg;base64," + text}}) == china
+
+
+@pytest.mark.parametrize("request_, message", [
+    ({"body": b""}, "empty"),
+    ({"body": {"data": "not base64!!"}}, "not valid base64"),
+    ({"body": {"data": 12}}, "must be a base64 string"),
+    ({"body": {"pixels": "AAAA"}}, "needs one of the keys"),
+    ({"body": [1, 2, 3]}, "not a list"),
+    ({"body": b'{"data": "abc"'}, "not valid JSON"),
+    ({"body": "hello"}, "is text"),
+    ({}, "no body"),
+    ({"a": b"x", "b": b"y"}, "several payload fields"),
+])
+def test_wire_errors_say_what_is_wrong(request_, message):
+    with pytest.raises(BadInput, match=message):
+        wire.binary_payload(request_)
+
+
+# -- decoding -------------------------------------------------------------------------------------
+def test_decode_real_photo(china):
+    image = vision.decode(china, "rgb", 10**8)
+    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 427, 640)
+    assert vision.decode(china, "grayscale", 10**8).shape == (1, 427, 640)
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"),
+                                       ("RGB", "WEBP"), ("RGB", "GIF"), ("I;16", "PNG")])
+def test_decode_modes_and_formats_to_rgb(mode, fmt):
+    image = Image.new("RGB", (40, 30), (200, 100, 50)).convert(mode)
+    decoded = vision.decode(encode(image, fmt), "rgb", 10**6)
+    assert decoded.dtype == torch.uint8 and tuple(decoded.shape) == (3, 30, 40)
+
+
+def test_exif_orientation_is_honoured():
+    image = Image.new("RGB", (60, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    decoded = vision.decode(encode(image, "JPEG", exif=exif.tobytes()), "rgb", 10**6)
+    assert tuple(decoded.shape) == (3, 60, 20)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height pixels (a decompression bomb)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    with pytest.raises(PayloadTooLarge, match="30000x30000"):
+        vision.decode(png_declaring(30000, 30000), "rgb", 50_000_000)
+
+
+@pytest.mark.parametrize("data, error, message", [
+    (b"", BadInput, "empty"),
+    (bytes(range(256)) * 4, BadInput, "not a recognizable image"),
+    (b"<html><body>not an image</body></html>", BadInput, "not a recognizable image"),
+])
+def test_undecodable_bodies(data, error, message):
+    with pytest.raises(error, match=message):
+        vision.decode(data, "rgb", 10**6)
+
+
+def test_truncated_jpeg_is_a_bad_input(china):
+    with pytest.raises(BadInput):
+        vision.decode(china[: len(china) // 3], "rgb", 10**8)
+
+
+def test_unsupported_format_is_415():
+    with pytest.raises(UnsupportedMediaType, match="BMP"):
+        vision.decode(encode(Image.new("RGB", (8, 8)), "BMP"), "rgb", 10**6)
+
+
+# -- transforms and batching ----------------------------------------------------------------------
+def test_resize_crop_and_batch(china):
+    image = vision.resize_and_crop(vision.decode(china, "rgb", 10**8), 256, 224)
+    assert tuple(image.shape) == (3, 224, 224)
+    batch = vision.to_batch([image, image], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), channels_last=True)
+    assert tuple(batch.shape) == (2, 3, 224, 224)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    expected = (image[0, 0, 0].item() / 255 - 0.5) / 0.25
+    assert batch[1, 0, 0, 0].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_bad_request_does_not_fail_the_batch():
+    def stage(x):
+        if x < 0:
+            raise BadInput(f"negative: {x}")
+        return x * 10
+    batch = batching.prepare([1, -2, 3], stage)
+    statuses = {}
+    responses = batching.merge(batch, [r + 1 for r in batch.items],
+                               lambda idx, code, msg: statuses.__setitem__(idx, (code, msg)))
+    assert responses[0] == 11 and responses[2] == 31
+    assert responses[1]["code"] == 400 and statuses == {1: (400, "negative: -2")}
+
+
+def test_topk_predictions_are_sorted_probabilities():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
+    rows = outputs.topk_predictions(logits, ["a", "b", "c"], 2)
+    assert [p["label"] for p in rows[0]] == ["b", "c"]
+    assert rows[1][0] == {"label": "a", "index": 0, "probability": pytest.approx(0.986, abs=1e-3)}
+    assert rows[0][0]["probability"] >= rows[0][1]["probability"]
+
+
+def test_labels_file_formats(tmp_path):
+    (tmp_path / "list.json").write_text('["x", "y"]')
+    (tmp_path / "dict.json").write_text('{"1": "y", "0": "x"}')
+    assert outputs.load_labels(str(tmp_path / "list.json")) == ["x", "y"]
+    assert outputs.load_labels(str(tmp_path / "dict.json"), 2) == ["x", "y"]
+    with pytest.raises(ConfigError, match="has 2 labels but the model has 3"):
+        outputs.load_labels(str(tmp_path / "list.json"), 3)
+
+
+# -- configuration and runtime --------------------------------------------------------------------
+def handler_section(**changes):
+    section = {"model": {"module": "torchvision.models", "factory": "resnet18", "weights": "w.pt"},
+               "image": {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.2] * 3},
+               "labels": "labels.json"}
+    section.update(changes)
+    return section
+
+
+def test_config_defaults():
+    cfg = parse_image_classifier(handler_section())
+    assert cfg.topk == 5 and cfg.runtime.device == "auto" and cfg.runtime.dtype == "float32"
+    assert cfg.image.color == "rgb" and cfg.runtime.threads is None
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"runtime": {"dtype": "int4"}}, "'handler.runtime.dtype' is 'int4'; allowed values: float32, bfloat16, float16"),
+    ({"runtime": {"device": "tpu"}}, "allowed values: auto, cpu, cuda"),
+    ({"colour": "rgb"}, "unknown key 'handler.colour'; allowed keys: model, image"),
+    ({"topk": 0}, "'handler.topk' must be a positive integer"),
+    ({"image": {"resize": 8, "crop": 16, "mean": [0.5] * 3, "std": [0.2] * 3}}, "must not exceed"),
+    ({"image": {"resize": 8, "mean": [0.5], "std": [0.2] * 3}}, "'handler.image.mean' must be a list of 3"),
+])
+def test_config_errors_name_the_key_and_allowed_values(changes, message):
+    with pytest.raises(ConfigError) as err:
+        parse_image_classifier(handler_section(**changes))
+    assert message in str(err.value)
+
+
+def test_thread_budget_keeps_workers_times_threads_within_cores():
+    assert runtime.thread_budget(None, workers=2, cores=2) == 1
+    assert runtime.thread_budget(None, workers=1, cores=8) == 8
+    assert runtime.thread_budget(None, workers=4, cores=2) == 1
+    assert runtime.thread_budget(3, workers=4, cores=2) == 3
+
+
+def test_cpu_device_without_gpu():
+    assert runtime.select_device("cpu", 0) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert runtime.select_device("auto", 0) == torch.device("cpu")
+        with pytest.raises(ConfigError, match="no GPU"):
+            runtime.select_device("cuda", 0)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_weights_with_pickled_code_are_refused(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"fc.weight": torch.zeros(2), "evil": Payload()}, path)
+    with pytest.raises(ConfigError, match="refusing to load weights.pt"):
+        runtime.load_state_dict(str(path), torch.device("cpu"))
