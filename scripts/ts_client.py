@@ -106,6 +106,11 @@ class TorchServeClient:
         return self._call("inference", "POST", path, data=data,
                           headers={"Content-Type": content_type}, **kwargs)
 
+    def predict_multipart(self, model: str, filename: str, data: bytes, field: str = "data",
+                          version: Optional[str] = None, **kwargs) -> requests.Response:
+        path = f"/predictions/{model}" + (f"/{version}" if version else "")
+        return self._call("inference", "POST", path, files={field: (filename, data)}, **kwargs)
+
     def predict(self, model: str, data: bytes, version: Optional[str] = None, **kwargs):
         response = self.predict_raw(model, data, version, **kwargs)
         if response.status_code >= 400:
