@@ -37,7 +37,7 @@ serve: venv java build
 stop: venv
 	$(PY) -m scripts.serve stop
 
-test: venv java
+test: venv java build
 	$(PY) -m pytest
 
 bench: venv java build
