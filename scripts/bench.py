@@ -39,6 +39,7 @@ for _path in (ROOT, os.path.join(ROOT, "handlers")):
         sys.path.insert(0, _path)
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -60,6 +61,8 @@ TITLES = {
 }
 # (numerator, denominator) -> the lowest acceptable throughput ratio, None where there is none.
 RATIO_TARGETS = {("b", "a"): 0.85, ("b", "d"): 1.2, ("b", "c"): None}
+# Other programs on the machine using more than this many cores make a measurement suspect.
+FOREIGN_CPU_WARNING = 0.25
 STOCK_ARCHIVE = "resnet18_stock"
 STOCK_MODEL_FILE = '''"""ResNet-18 for TorchServe's stock handler: the archive's model file must hold one class."""
 from torchvision.models.resnet import BasicBlock, ResNet
@@ -87,6 +90,7 @@ class Measurement:
     settings: dict = field(default_factory=dict)
     top1: Dict[str, str] = field(default_factory=dict)
     first_error: Optional[str] = None
+    foreign_cpu_cores: Optional[float] = None  # CPU used by other programs while measuring
 
     @property
     def throughput(self) -> float:
@@ -101,7 +105,8 @@ class Measurement:
                 "latency_of": self.latency_unit, "images_ok": self.images,
                 "measured_s": round(self.seconds, 3), "errors": sum(self.errors.values()),
                 "errors_by_kind": {str(k): v for k, v in self.errors.items()},
-                "first_error": self.first_error, "settings": self.settings, "top1": self.top1}
+                "first_error": self.first_error, "foreign_cpu_cores": _round(self.foreign_cpu_cores, 2),
+                "settings": self.settings, "top1": self.top1}
 
 
 def _round(value: Optional[float], digits: int = 1) -> Optional[float]:
@@ -116,6 +121,47 @@ def top1_label(body) -> str:
     if isinstance(body, dict) and body and all(isinstance(v, (int, float)) for v in body.values()):
         return max(body, key=body.get)
     return f"unexpected answer {str(body)[:60]}"
+
+
+# -- CPU contention ------------------------------------------------------------------------------
+class ForeignCpu:
+    """Cores' worth of CPU that programs other than this benchmark (this process and the
+    processes under ``roots``) used during a measurement: on a small, shared machine a
+    neighbour's build or test run changes the numbers more than any handler change does."""
+
+    def __init__(self, roots: Sequence[Optional[int]] = ()):
+        self.roots = [pid for pid in roots if pid]
+
+    def _ours_s(self) -> float:
+        processes = [psutil.Process()]
+        for pid in self.roots:
+            try:
+                root = psutil.Process(pid)
+                processes += [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+        total = 0.0
+        for process in processes:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                continue
+        return total
+
+    @staticmethod
+    def _busy_s() -> float:
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "steal", 0.0)
+
+    def start(self) -> None:
+        self._begin = (time.perf_counter(), self._busy_s(), self._ours_s())
+
+    def cores(self) -> float:
+        wall, busy, ours = self._begin
+        elapsed = time.perf_counter() - wall
+        foreign = (self._busy_s() - busy) - (self._ours_s() - ours)
+        return max(0.0, foreign / elapsed) if elapsed > 0 else 0.0
 
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -183,7 +229,10 @@ def measure_in_process(entry: ModelEntry, photos: Dict[str, bytes], warmup_s: fl
     log(f"(a) batch {batch_size}, {pipeline.threads} thread(s) on {pipeline.device}: "
         f"warming up {warmup_s:g} s, then measuring {seconds:g} s")
     run_batches(pipeline, batch, warmup_s)
+    foreign = ForeignCpu()
+    foreign.start()
     result.latencies_ms, result.seconds = run_batches(pipeline, batch, seconds)
+    result.foreign_cpu_cores = foreign.cores()
     result.images = len(result.latencies_ms) * batch_size
     del pipeline
     gc.collect()  # give the model's memory back before the server's workers start
@@ -261,7 +310,7 @@ def prepare_store(entry: ModelEntry, keys: Sequence[str], workdir: str) -> str:
 
 def register(server: TorchServe, variant: ServedVariant) -> dict:
     client = server.client
-    log(f"{TITLES[variant.key][:3]} registering {variant.model_name} ({variant.archive}, "
+    log(f"({variant.key}) registering {variant.model_name} ({variant.archive}, "
         f"{variant.registration or 'defaults'})")
     client.register(url=variant.archive, model_name=variant.model_name, synchronous="true",
                     **variant.registration)
@@ -295,9 +344,10 @@ class LoadGenerator:
     back to back. Answers completed inside [warm-up end, end] are the measurement."""
 
     def __init__(self, url: str, headers: dict, bodies: Sequence[bytes], concurrency: int,
-                 timeout_s: float):
+                 timeout_s: float, foreign: ForeignCpu):
         self.url, self.headers, self.bodies = url, headers, list(bodies)
         self.concurrency, self.timeout_s = concurrency, timeout_s
+        self.foreign = foreign
         self.records: List[tuple] = []  # (completed at, latency ms, status); list.append is atomic
         self.first_error: Optional[str] = None
         self._start = threading.Barrier(concurrency + 1)
@@ -336,20 +386,26 @@ class LoadGenerator:
         now = time.perf_counter()
         self.window = (now + warmup_s, now + warmup_s + seconds)
         self._start.wait()
-        self._report_progress(seconds, warmup_s)
+        time.sleep(max(0.0, self.window[0] - time.perf_counter()))
+        self.foreign.start()
+        self._report_progress(seconds)
+        foreign_cores = self.foreign.cores()
         for thread in threads:
             thread.join()
-        return self._measurement(variant)
+        result = self._measurement(variant)
+        result.foreign_cpu_cores = foreign_cores
+        return result
 
-    def _report_progress(self, seconds: float, warmup_s: float) -> None:
-        step = 5.0
-        while time.perf_counter() < self.window[1]:
-            time.sleep(min(step, max(0.0, self.window[1] - time.perf_counter())))
+    def _report_progress(self, seconds: float, every_s: float = 5.0) -> None:
+        while True:
+            left = self.window[1] - time.perf_counter()
+            if left <= 0:
+                return
+            time.sleep(min(every_s, left))
             now = time.perf_counter()
-            if now < self.window[0] or now >= self.window[1]:
-                continue
-            ok = sum(1 for t, _, s in list(self.records) if s == 200 and t >= self.window[0])
-            log(f"    {now - self.window[0]:.0f}/{seconds:g} s: {ok} answers")
+            if now < self.window[1]:
+                ok = sum(1 for t, _, s in list(self.records) if s == 200 and t >= self.window[0])
+                log(f"    {now - self.window[0]:.0f}/{seconds:g} s: {ok} answers")
 
     def _measurement(self, variant: str) -> Measurement:
         start, end = self.window
@@ -366,7 +422,7 @@ def measure_served(server: TorchServe, variant: ServedVariant, photos: Dict[str,
     settings = register(server, variant)
     try:
         top1 = served_top1(server, variant.model_name, photos)
-        log(f"{TITLES[variant.key][:3]} {settings['workers']} worker(s), batch "
+        log(f"({variant.key}) {settings['workers']} worker(s), batch "
             f"{settings['batch_size']}, delay {settings['max_batch_delay_ms']} ms: {concurrency} "
             f"clients, warming up {warmup_s:g} s, then measuring {seconds:g} s")
         key = server.client.key("inference")
@@ -374,7 +430,8 @@ def measure_served(server: TorchServe, variant: ServedVariant, photos: Dict[str,
                    **({"Authorization": f"Bearer {key}"} if key else {})}
         timeout_s = (settings.get("response_timeout_s") or 120) + 30
         load = LoadGenerator(f"{server.inference_url}/predictions/{variant.model_name}", headers,
-                             list(photos.values()), concurrency, timeout_s)
+                             list(photos.values()), concurrency, timeout_s,
+                             ForeignCpu([server.pid()]))
         result = load.run(warmup_s, seconds, variant.key)
     finally:
         unregister(server, variant.model_name)
@@ -402,7 +459,8 @@ def run_served(entry: ModelEntry, keys: Sequence[str], photos: Dict[str, bytes],
         for variant in served_variants(entry, keys):
             results.append(measure_served(server, variant, photos, args.concurrency,
                                           args.warmup, args.seconds))
-            log(f"{TITLES[variant.key][:3]} {results[-1].throughput:.1f} img/s")
+            log(f"({variant.key}) {results[-1].throughput:.1f} img/s "
+                f"(other programs used {results[-1].foreign_cpu_cores:.2f} cores meanwhile)")
     except Exception:
         log(f"failed; server log tail:\n{server.log_tail()}")
         raise
@@ -446,6 +504,7 @@ def markdown(results: Dict[str, Measurement], ratio_rows: List[dict], header: di
             target = f"  (target >= {row['target']}{verdict})"
         lines.append(f"- throughput {row['ratio']}: {value}{target}")
     lines.append("")
+    lines += contention_notes(results)
     if "a" in results:
         lines.append(f"(a) latency is per batch of {results['a'].settings['batch_size']}; "
                      "served latencies are per request, measured by the client.")
@@ -453,6 +512,20 @@ def markdown(results: Dict[str, Measurement], ratio_rows: List[dict], header: di
         if key in results:
             lines.append(f"- {key}: settings {results[key].settings}; top-1 {results[key].top1}")
     return "\n".join(lines) + "\n"
+
+
+def contention_notes(results: Dict[str, Measurement]) -> List[str]:
+    measured = {k: r.foreign_cpu_cores for k, r in results.items() if r.foreign_cpu_cores is not None}
+    if not measured:
+        return []
+    listed = ", ".join(f"({k}) {v:.2f}" for k, v in sorted(measured.items()))
+    lines = [f"CPU cores used by other programs while measuring: {listed}."]
+    noisy = sorted(k for k, v in measured.items() if v > FOREIGN_CPU_WARNING)
+    if noisy:
+        lines.append(f"WARNING: other programs competed for the CPU during "
+                     f"{', '.join(f'({k})' for k in noisy)}; rerun on a quiet machine before "
+                     f"trusting these numbers.")
+    return lines + [""]
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -505,7 +578,8 @@ def main(argv=None) -> int:
     try:
         if "a" in args.only:
             results["a"] = measure_in_process(entry, photos, args.warmup, args.seconds, workdir)
-            log(f"(a) {results['a'].throughput:.1f} img/s")
+            log(f"(a) {results['a'].throughput:.1f} img/s (other programs used "
+                f"{results['a'].foreign_cpu_cores:.2f} cores meanwhile)")
         served = [k for k in args.only if k != "a"]
         if served:
             for result in run_served(entry, served, photos, args, workdir):
