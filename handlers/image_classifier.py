@@ -31,7 +31,7 @@ class ImageClassifierHandler(BaseHandler):
         self.device = runtime.select_device(cfg.runtime.device, properties.get("gpu_id"))
         if self.device.type == "cpu":
             threads = runtime.thread_budget(cfg.runtime.threads, model_config.get("maxWorkers", 1),
-                                            os.cpu_count() or 1)
+                                            runtime.available_cores())
             runtime.apply_thread_budget(threads)
         self.channels_last = cfg.runtime.channels_last
         self.model = runtime.build_model(cfg.model.module, cfg.model.factory, cfg.model.kwargs,

@@ -190,7 +190,7 @@ class InProcessPipeline:
         self.threads = torch.get_num_threads()
         if self.device.type == "cpu":
             self.threads = runtime.thread_budget(cfg.runtime.threads, entry.serving["maxWorkers"],
-                                                 os.cpu_count() or 1)
+                                                 runtime.available_cores())
             runtime.apply_thread_budget(self.threads)
         self.model = runtime.build_model(cfg.model.module, cfg.model.factory, cfg.model.kwargs,
                                          os.path.join(archive_dir, cfg.model.weights), self.device,

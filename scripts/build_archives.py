@@ -46,8 +46,10 @@ def _builder_inputs_key(entry: ModelEntry, source: dict) -> str:
     """Weights are rebuilt only when what makes them changes."""
     digest = hashlib.sha256(json.dumps([source, entry.handler_config.get("model"),
                                         entry.handler_config.get("image")], sort_keys=True).encode())
-    for path in ("models/weights.py", "models/sample_data.py", *entry.model_files):
-        digest.update(open(os.path.join(ROOT, path), "rb").read())
+    for path in ("models/weights.py", "models/sample_data.py", "handlers/handler_kit/vision.py",
+                 *entry.model_files):
+        with open(os.path.join(ROOT, path), "rb") as f:
+            digest.update(f.read())
     return digest.hexdigest()[:16]
 
 
@@ -158,10 +160,11 @@ def update_sums(export_path: str, built: dict) -> None:
     sums_path = os.path.join(export_path, SUMS_FILE)
     sums = {}
     if os.path.isfile(sums_path):
-        for line in open(sums_path):
-            digest, _, name = line.strip().partition("  ")
-            if name:
-                sums[name] = digest
+        with open(sums_path) as f:
+            for line in f:
+                digest, _, name = line.strip().partition("  ")
+                if name:
+                    sums[name] = digest
     sums.update(built)
     with open(sums_path, "w") as f:
         f.writelines(f"{sums[name]}  {name}\n" for name in sorted(sums))

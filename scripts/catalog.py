@@ -80,8 +80,9 @@ def _entry(raw: dict, index: int) -> ModelEntry:
         raise CatalogError(f"{where}.serving needs exactly {', '.join(SERVING_KEYS)}"
                            f" (missing: {missing}, unknown: {extra})")
     for key in SERVING_KEYS:
-        if not isinstance(serving[key], int) or serving[key] < (0 if key == "maxBatchDelay" else 1):
-            raise CatalogError(f"{where}.serving.{key} must be a positive integer")
+        value, least = serving[key], 0 if key == "maxBatchDelay" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise CatalogError(f"{where}.serving.{key} must be an integer >= {least}, got {value!r}")
     if serving["minWorkers"] > serving["maxWorkers"]:
         raise CatalogError(f"{where}.serving: minWorkers exceeds maxWorkers")
     for key in ("weights", "labels"):

@@ -8,6 +8,7 @@ for a fresh one and retries once.
 """
 import json
 import os
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Dict, Iterable, Optional
@@ -45,15 +46,26 @@ class TorchServeClient:
         self.management_url = management_url.rstrip("/")
         self.key_file = os.path.join(home, KEY_FILE)
         self.timeout = timeout
-        self.session = requests.Session()
+        self._local = threading.local()  # requests.Session is not thread-safe: one per thread
+        self._keys_cache = (None, None)  # (mtime, parsed key file)
+
+    @property
+    def session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
 
     # -- keys -------------------------------------------------------------------------------
     def _keys(self) -> Optional[dict]:
+        """The key file, re-read only when TorchServe has rewritten it."""
         try:
-            with open(self.key_file, encoding="utf-8") as f:
-                return json.load(f)
+            mtime = os.stat(self.key_file).st_mtime_ns
         except FileNotFoundError:
             return None  # token authorization is off
+        if self._keys_cache[0] != mtime:
+            with open(self.key_file, encoding="utf-8") as f:
+                self._keys_cache = (mtime, json.load(f))
+        return self._keys_cache[1]
 
     def key(self, kind: str) -> Optional[str]:
         """A valid key of ``kind`` ('inference' or 'management'), renewed when expired."""

@@ -4,6 +4,7 @@
 the current directory; giving each server its own home (TMPDIR, cwd, LOG_LOCATION) lets the tests
 and the benchmark run servers beside the one ``make serve`` started.
 """
+import contextlib
 import os
 import re
 import shutil
@@ -113,7 +114,7 @@ class TorchServe:
         os.makedirs(os.path.join(self.home, "logs"), exist_ok=True)
         console = os.path.join(self.home, "logs", "console.log")
         # The Java frontend inherits stdout/stderr: a file, not a pipe, or we would wait on it.
-        with open(console, "ab") as out:
+        with open(console, "wb") as out:
             result = subprocess.run([torchserve_bin(), "--start", "--ts-config", self.config_path,
                                      "--ncs"], cwd=self.cwd, env=self.env, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -127,7 +128,7 @@ class TorchServe:
             try:
                 requests.get(self.inference_url + "/ping", timeout=2)
                 return
-            except requests.ConnectionError:
+            except requests.RequestException:
                 pass
             if time.monotonic() > deadline or self.pid() is None:
                 raise RuntimeError(f"TorchServe did not come up; see {self.home}/logs:\n"
@@ -135,17 +136,23 @@ class TorchServe:
             time.sleep(0.3)
 
     def stop(self, timeout_s: float = 60.0) -> None:
+        """`torchserve --stop` (a SIGTERM to the frontend), then wait for the frontend and its
+        workers to exit; whatever is still alive at the deadline is killed."""
         pid = self.pid()
-        subprocess.run([torchserve_bin(), "--stop"], cwd=self.cwd, env=self.env,
-                       capture_output=True, text=True, timeout=timeout_s)
-        if pid and psutil.pid_exists(pid):
+        processes = []
+        if pid:
             try:
-                process = psutil.Process(pid)
-                children = process.children(recursive=True)
-                for p in [process, *children]:
-                    p.send_signal(signal.SIGKILL)
+                frontend = psutil.Process(pid)
+                processes = [frontend, *frontend.children(recursive=True)]
             except psutil.NoSuchProcess:
                 pass
+        subprocess.run([torchserve_bin(), "--stop"], cwd=self.cwd, env=self.env,
+                       capture_output=True, text=True, timeout=timeout_s)
+        _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+        for process in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=10)
 
     def log_tail(self, lines: int = 40) -> str:
         out = []

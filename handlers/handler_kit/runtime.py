@@ -25,6 +25,14 @@ def select_device(requested: str, gpu_id) -> torch.device:
     return torch.device("cpu")
 
 
+def available_cores() -> int:
+    """Cores this process may run on (CPU affinity, e.g. a container's cpuset), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def thread_budget(requested, workers: int, cores: int) -> int:
     """Intra-op threads per worker, so that workers x threads does not exceed the cores."""
     if requested:
