@@ -29,21 +29,21 @@ class ImageClassifierHandler(BaseHandler):
         self.config = parse_image_classifier(model_config.get("handler"))
         cfg = self.config
         self.device = runtime.select_device(cfg.runtime.device, properties.get("gpu_id"))
+        threads = torch.get_num_threads()
         if self.device.type == "cpu":
             threads = runtime.thread_budget(cfg.runtime.threads, model_config.get("maxWorkers", 1),
                                             runtime.available_cores())
             runtime.apply_thread_budget(threads)
-        self.channels_last = cfg.runtime.channels_last
-        self.model = runtime.build_model(cfg.model.module, cfg.model.factory, cfg.model.kwargs,
-                                         os.path.join(model_dir, cfg.model.weights), self.device,
-                                         self.channels_last)
+        self.channels_last = cfg.runtime.channels_last and cfg.model.format != "onnx"
+        self.run_model = runtime.load_runner(cfg.model, cfg.runtime, model_dir, self.device, threads)
         self.labels = load_labels(os.path.join(model_dir, cfg.labels),
                                   cfg.model.kwargs.get("num_classes"))
         self.max_batch = int(properties.get("batch_size") or 1)
         self._warm_up()
         self.initialized = True
-        logger.info("model ready on %s (threads=%d, dtype=%s, batch<=%d)", self.device,
-                    torch.get_num_threads(), cfg.runtime.dtype, self.max_batch)
+        logger.info("model ready: %s %s on %s (threads=%d, dtype=%s, batch<=%d)", cfg.model.format,
+                    cfg.model.quantization, self.device, torch.get_num_threads(), cfg.runtime.dtype,
+                    self.max_batch)
 
     def _warm_up(self):
         """A worker is ready only once a full-size batch has gone through every stage."""
@@ -72,9 +72,7 @@ class ImageClassifierHandler(BaseHandler):
             return batch, None
         image_cfg = self.config.image
         inputs = vision.to_batch(batch.items, image_cfg.mean, image_cfg.std, self.channels_last)
-        with torch.inference_mode(), runtime.autocast(self.device, self.config.runtime.dtype):
-            logits = self.model(inputs.to(self.device, non_blocking=True))
-        return batch, logits
+        return batch, self.run_model(inputs)
 
     def postprocess(self, data):
         batch, logits = data
@@ -88,4 +86,5 @@ class ImageClassifierHandler(BaseHandler):
 
     def describe_handle(self):
         """Answer of the management API's describe call with ``?customized=true``."""
-        return {"meta": self.config.meta, "device": str(self.device), "dtype": self.config.runtime.dtype}
+        return {"meta": self.config.meta, "device": str(self.device), "dtype": self.config.runtime.dtype,
+                "format": self.config.model.format, "quantization": self.config.model.quantization}

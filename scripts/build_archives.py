@@ -15,15 +15,22 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 
 import yaml
 
-from scripts.catalog import MODEL_STORE, ROOT, ModelEntry, load_catalog
+from scripts.catalog import CATALOG_PATH, MODEL_STORE, ROOT, ModelEntry, load_catalog
+from scripts.fidelity import FidelityError
 
 BUILD_DIR = os.path.join(ROOT, "build")
 HANDLER_KIT = os.path.join(ROOT, "handlers", "handler_kit")
 WEIGHTS_FILE = "weights.pt"
+ARTIFACTS = {"torchscript": ("model.pt", {"format": "torchscript"}),
+             "int8_x86": ("model.pt", {"format": "torchscript", "quantization": "int8_x86"}),
+             "onnx": ("model.onnx", {"format": "onnx"})}
+VARIANT_SOURCES = ("models/variants.py", "scripts/fidelity.py", "handlers/handler_kit/runtime.py",
+                   "handlers/handler_kit/vision.py", "handlers/handler_kit/config.py")
 LABELS_FILE = "labels.json"
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 FIXED_CREATED_ON = "01/01/1980 00:00:00"
@@ -69,7 +76,7 @@ def produce_weights(entry: ModelEntry, out_dir: str, force: bool) -> dict:
 
     from models.weights import BUILDERS
     key = _builder_inputs_key(entry, source)
-    cache = os.path.join(BUILD_DIR, "weights", entry.name, key)
+    cache = os.path.join(BUILD_DIR, "weights", entry.base, key)  # variants share their base's
     if force or not os.path.isfile(os.path.join(cache, WEIGHTS_FILE)):
         builder = BUILDERS[source["builder"]]
         log(f"{entry.name}: producing weights with {source['builder']} (one thread, deterministic)")
@@ -92,6 +99,83 @@ def produce_weights(entry: ModelEntry, out_dir: str, force: bool) -> dict:
     shutil.copyfile(os.path.join(cache, WEIGHTS_FILE), target)
     with open(os.path.join(cache, "meta.json")) as f:
         return json.load(f)
+
+
+def _variant_key(entry: ModelEntry, weights_path: str) -> str:
+    digest = hashlib.sha256(json.dumps([entry.transform, entry.fidelity, entry.handler_config],
+                                       sort_keys=True).encode())
+    for path in (weights_path, *(os.path.join(ROOT, p) for p in VARIANT_SOURCES)):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def produce_variant(entry: ModelEntry, stage_dir: str) -> tuple:
+    """Make the variant's artifact from the fp32 weights in stage_dir and pass it through the
+    fidelity gate. Returns (artifact file name, handler.model overrides, fidelity figures)."""
+    import torch
+    from handler_kit import runtime
+    from handler_kit.config import check_model_runtime, parse_model, parse_runtime
+    from models import variants
+    from scripts import fidelity
+
+    kind = (entry.transform or {}).get("kind")
+    artifact, overrides = ARTIFACTS.get(kind, (WEIGHTS_FILE, {}))
+    key = _variant_key(entry, os.path.join(stage_dir, WEIGHTS_FILE))
+    cache = os.path.join(BUILD_DIR, "variants", entry.name, key)
+    if os.path.isfile(os.path.join(cache, "fidelity.json")):
+        log(f"{entry.name}: reusing {kind or entry.variant} artifact and its fidelity figures")
+        if artifact != WEIGHTS_FILE:
+            shutil.copyfile(os.path.join(cache, artifact), os.path.join(stage_dir, artifact))
+        with open(os.path.join(cache, "fidelity.json")) as f:
+            return artifact, overrides, json.load(f)
+
+    config, image = entry.handler_config, entry.handler_config["image"]
+    cpu = torch.device("cpu")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic calibration and export, so rebuilds are identical
+    try:
+        fp32 = runtime.build_model(config["model"]["module"], config["model"]["factory"],
+                                   config["model"].get("kwargs", {}),
+                                   os.path.join(stage_dir, WEIGHTS_FILE), cpu, channels_last=False)
+        inputs, labels = fidelity.evaluation_data(entry.fidelity, image)
+        example = inputs[:2]
+        started = time.perf_counter()
+        if kind == "torchscript":
+            channels_last = config.get("runtime", {}).get("channels_last", True)
+            torch.jit.save(variants.to_torchscript(fp32, example, channels_last),
+                           os.path.join(stage_dir, artifact))
+        elif kind == "int8_x86":
+            transform = entry.transform
+            calibration = variants.calibration_batches(transform.get("calibration", "none"), image,
+                                                       int(transform.get("calibration_images", 128)))
+            quantized = variants.quantize_int8_x86(fp32, calibration, example,
+                                                   transform.get("float_modules", ()))
+            torch.jit.save(quantized, os.path.join(stage_dir, artifact))
+        elif kind == "onnx":
+            variants.export_onnx(fp32, example, os.path.join(stage_dir, artifact))
+        if kind:
+            log(f"{entry.name}: {kind} artifact made in {time.perf_counter() - started:.1f} s")
+
+        model_spec = parse_model({**config["model"], **overrides, "weights": artifact})
+        runtime_spec = parse_runtime(config.get("runtime"))
+        check_model_runtime(model_spec, runtime_spec)
+        runner = runtime.load_runner(model_spec, runtime_spec, stage_dir, cpu, threads=1)
+        reference = runtime.EagerRunner(fp32, cpu, "float32", compile_model=False)
+        channels_last = runtime_spec.channels_last and model_spec.format != "onnx"
+        figures = fidelity.measure(entry.fidelity, fidelity.run_all(reference, inputs, False),
+                                   fidelity.run_all(runner, inputs, channels_last), labels)
+    finally:
+        torch.set_num_threads(threads)
+    log(f"{entry.name}: fidelity against fp32: {figures}")
+    fidelity.check(entry.fidelity, figures, entry.name)  # raises FidelityError: not packaged
+    os.makedirs(cache, exist_ok=True)
+    if artifact != WEIGHTS_FILE:
+        shutil.copyfile(os.path.join(stage_dir, artifact), os.path.join(cache, artifact))
+    with open(os.path.join(cache, "fidelity.json"), "w") as f:
+        json.dump(figures, f, indent=2)
+    return artifact, overrides, figures
 
 
 def produce_labels(entry: ModelEntry, out_dir: str) -> None:
@@ -124,7 +208,8 @@ def normalize_archive(path: str) -> None:
     os.replace(tmp, path)
 
 
-def stage(entry: ModelEntry, force_weights: bool) -> str:
+def stage(entry: ModelEntry, force_weights: bool) -> tuple:
+    """Lay out everything the archive holds; returns (stage folder, serialized file name)."""
     stage_dir = os.path.join(BUILD_DIR, "stage", entry.name)
     shutil.rmtree(stage_dir, ignore_errors=True)
     extra = os.path.join(stage_dir, "extra")
@@ -135,18 +220,24 @@ def stage(entry: ModelEntry, force_weights: bool) -> str:
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for model_file in entry.model_files:
         shutil.copy(os.path.join(ROOT, model_file), extra)
+    artifact, overrides = WEIGHTS_FILE, {}
+    if entry.variant != "fp32":
+        artifact, overrides, figures = produce_variant(entry, stage_dir)
+        meta["fidelity"] = figures
+        with open(os.path.join(extra, "fidelity.json"), "w") as f:
+            json.dump({"reference": entry.base, **figures}, f, indent=2)
     with open(os.path.join(stage_dir, "model-config.yaml"), "w", encoding="utf-8") as f:
         f.write("# Generated by scripts/build_archives.py from models/catalog.yaml; do not edit.\n")
-        yaml.safe_dump(entry.model_config(WEIGHTS_FILE, LABELS_FILE, meta), f, sort_keys=False)
-    return stage_dir
+        yaml.safe_dump(entry.model_config(artifact, LABELS_FILE, meta, overrides), f, sort_keys=False)
+    return stage_dir, artifact
 
 
-def archive(entry: ModelEntry, stage_dir: str, export_path: str) -> str:
+def archive(entry: ModelEntry, stage_dir: str, artifact: str, export_path: str) -> str:
     os.makedirs(export_path, exist_ok=True)
     command = [os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"),
                "--model-name", entry.name, "--version", entry.version,
                "--handler", os.path.join(ROOT, entry.handler),
-               "--serialized-file", os.path.join(stage_dir, WEIGHTS_FILE),
+               "--serialized-file", os.path.join(stage_dir, artifact),
                "--extra-files", os.path.join(stage_dir, "extra"),
                "--config-file", os.path.join(stage_dir, "model-config.yaml"),
                "--export-path", export_path, "--force"]
@@ -190,20 +281,31 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="build only these models")
     parser.add_argument("--force-weights", action="store_true", help="rebuild cached weights")
     parser.add_argument("--export-path", default=MODEL_STORE)
+    parser.add_argument("--catalog", default=CATALOG_PATH, help="default: models/catalog.yaml")
     args = parser.parse_args(argv)
-    sys.path[:0] = [ROOT, os.path.join(ROOT, "handlers")]
-    catalog = load_catalog()
+    catalog = load_catalog(args.catalog)
+    model_dirs = {os.path.dirname(os.path.join(ROOT, f)) for m in catalog.models for f in m.model_files}
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "handlers"), *sorted(model_dirs)]
     entries = [catalog.model(n) for n in args.only] if args.only else catalog.models
-    built = {}
+    built, refused = {}, []
     for i, entry in enumerate(entries, 1):
         started = time.perf_counter()
-        log(f"({i}/{len(entries)}) {entry.name} {entry.version}")
-        mar = archive(entry, stage(entry, args.force_weights), args.export_path)
+        log(f"({i}/{len(entries)}) {entry.name} {entry.version} [{entry.variant}]")
+        try:
+            stage_dir, artifact = stage(entry, args.force_weights)
+        except FidelityError as exc:
+            log(f"REFUSED {exc}")
+            refused.append(entry.name)
+            continue
+        mar = archive(entry, stage_dir, artifact, args.export_path)
         built[os.path.basename(mar)] = sha256_file(mar)
         log(f"{entry.name}: {os.path.relpath(mar, ROOT)} ({os.path.getsize(mar) / 1e6:.1f} MB, "
             f"sha256 {built[os.path.basename(mar)][:16]}) in {time.perf_counter() - started:.1f} s")
     update_sums(args.export_path, built)
     log(f"sample inputs in {os.path.relpath(write_samples(), ROOT)}")
+    if refused:
+        log(f"refused by the fidelity gate: {', '.join(refused)}")
+        return 1
     return 0
 
 

@@ -3,7 +3,7 @@ model-config.yaml and the server's config.properties. Nothing about a model is t
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
 import yaml
@@ -14,7 +14,10 @@ CONFIG_PROPERTIES_PATH = os.path.join(ROOT, "config.properties")
 MODEL_STORE = os.path.join(ROOT, "model_store")
 SERVING_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
 MODEL_KEYS = ("name", "version", "description", "handler", "model_files", "weights", "labels",
-              "serving", "handler_config")
+              "serving", "handler_config", "fidelity", "variants", "load_at_start")
+VARIANT_KEYS = ("variant", "transform", "runtime", "serving", "load_at_start")
+TRANSFORMS = ("torchscript", "int8_x86", "onnx")
+FIDELITY_METRICS = ("accuracy", "agreement")
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
@@ -33,17 +36,24 @@ class ModelEntry:
     labels: dict
     serving: dict
     handler_config: dict
+    fidelity: dict
+    variant: str = "fp32"          # fp32 for a catalog model itself, else the variant's name
+    base: str = ""                 # the fp32 model a variant derives from
+    transform: Optional[dict] = None
+    load_at_start: bool = True     # in config.properties' load_models, served by `make serve`
 
     @property
     def mar_name(self) -> str:
         return f"{self.name}.mar"
 
-    def model_config(self, weights_file: str, labels_file: str, meta: dict) -> dict:
+    def model_config(self, weights_file: str, labels_file: str, meta: dict,
+                     model_overrides: Optional[dict] = None) -> dict:
         """The archive's model-config.yaml: serving settings plus the handler section."""
         handler = json.loads(json.dumps(self.handler_config))  # deep copy
+        handler["model"].update(model_overrides or {})
         handler["model"]["weights"] = weights_file
         handler["labels"] = labels_file
-        handler["meta"] = {"name": self.name, "version": self.version,
+        handler["meta"] = {"name": self.name, "version": self.version, "variant": self.variant,
                            "description": self.description, **meta}
         return {**self.serving, "handler": handler}
 
@@ -52,6 +62,10 @@ class ModelEntry:
 class Catalog:
     server: dict
     models: List[ModelEntry]
+
+    @property
+    def loaded_at_start(self) -> List[ModelEntry]:
+        return [m for m in self.models if m.load_at_start]
 
     def model(self, name: str) -> ModelEntry:
         for entry in self.models:
@@ -89,17 +103,45 @@ def _entry(raw: dict, index: int) -> ModelEntry:
         source = raw[key]
         if not isinstance(source, dict) or len({"builder", "file"} & set(source)) != 1:
             raise CatalogError(f"{where}.{key} needs exactly one of 'builder' or 'file'")
+    fidelity = dict(raw.get("fidelity") or {"metric": "agreement"})
+    if fidelity.get("metric") not in FIDELITY_METRICS:
+        raise CatalogError(f"{where}.fidelity.metric must be one of {', '.join(FIDELITY_METRICS)}")
     return ModelEntry(name=str(raw["name"]), version=str(raw["version"]),
                       description=str(raw.get("description", "")), handler=str(raw["handler"]),
                       model_files=tuple(raw.get("model_files", ())), weights=dict(raw["weights"]),
                       labels=dict(raw["labels"]), serving=dict(serving),
-                      handler_config=dict(raw["handler_config"]))
+                      handler_config=dict(raw["handler_config"]), fidelity=fidelity,
+                      base=str(raw["name"]), load_at_start=bool(raw.get("load_at_start", True)))
+
+
+def _variant(base: ModelEntry, raw: dict, where: str) -> ModelEntry:
+    """A variant: the base model's archive with a transform and/or runtime/serving overrides."""
+    if not isinstance(raw, dict) or "variant" not in raw:
+        raise CatalogError(f"{where} must be a mapping with a 'variant' name")
+    unknown = sorted(set(raw) - set(VARIANT_KEYS))
+    if unknown:
+        raise CatalogError(f"{where}: unknown key '{unknown[0]}'; allowed: {', '.join(VARIANT_KEYS)}")
+    transform = raw.get("transform")
+    if transform is not None and transform.get("kind") not in TRANSFORMS:
+        raise CatalogError(f"{where}.transform.kind must be one of {', '.join(TRANSFORMS)}")
+    handler_config = json.loads(json.dumps(base.handler_config))
+    handler_config.setdefault("runtime", {}).update(raw.get("runtime") or {})
+    serving = {**base.serving, **(raw.get("serving") or {})}
+    return replace(base, name=f"{base.name}_{raw['variant']}", variant=str(raw["variant"]),
+                   description=f"{base.description} ({raw['variant']} variant)", serving=serving,
+                   handler_config=handler_config, transform=transform,
+                   load_at_start=bool(raw.get("load_at_start", False)))
 
 
 def load_catalog(path: str = CATALOG_PATH) -> Catalog:
     with open(path, encoding="utf-8") as f:
         raw = yaml.safe_load(f)
-    models = [_entry(m, i) for i, m in enumerate(raw.get("models") or [])]
+    models = []
+    for i, raw_model in enumerate(raw.get("models") or []):
+        base = _entry(raw_model, i)
+        models.append(base)
+        for j, raw_variant in enumerate(raw_model.get("variants") or []):
+            models.append(_variant(base, raw_variant, f"models[{i}].variants[{j}]"))
     if not models:
         raise CatalogError(f"{path} declares no models")
     names = [m.name for m in models]
@@ -119,7 +161,7 @@ def render_config_properties(catalog: Catalog, overrides: Optional[dict] = None,
     """config.properties text. ``overrides`` (addresses, model_store) let tests and tools start
     a server from exactly this configuration on other ports or folders."""
     settings = {**catalog.server, "model_store": "model_store",
-                "load_models": ",".join(m.mar_name for m in catalog.models)}
+                "load_models": ",".join(m.mar_name for m in catalog.loaded_at_start)}
     settings.update(overrides or {})
     lines = []
     if header:
@@ -130,7 +172,7 @@ def render_config_properties(catalog: Catalog, overrides: Optional[dict] = None,
         if isinstance(value, bool):
             value = str(value).lower()
         lines.append(f"{key}={value}")
-    models_json = json.dumps(models_property(catalog.models), indent=2, sort_keys=False)
+    models_json = json.dumps(models_property(catalog.loaded_at_start), indent=2, sort_keys=False)
     lines.append("models=" + " \\\n".join(models_json.splitlines()))
     return "\n".join(lines) + "\n"
 

@@ -28,7 +28,7 @@ def start(timeout_s: float) -> int:
     if server.pid():
         print(f"TorchServe is already running (pid {server.pid()}); not starting another.")
     else:
-        missing = [m.mar_name for m in catalog.models if not os.path.exists(os.path.join(MODEL_STORE, m.mar_name))]
+        missing = [m.mar_name for m in catalog.loaded_at_start if not os.path.exists(os.path.join(MODEL_STORE, m.mar_name))]
         if missing:
             print(f"missing archives {missing}: run `make build` first", file=sys.stderr)
             return 1
@@ -46,13 +46,13 @@ def start(timeout_s: float) -> int:
             print(f"  waiting for workers ({time.monotonic() - started:.0f} s): {state}", flush=True)
 
     try:
-        ready = server.client.wait_ready([m.name for m in catalog.models], timeout_s, progress)
+        ready = server.client.wait_ready([m.name for m in catalog.loaded_at_start], timeout_s, progress)
     except TimeoutError as exc:
         print(f"{exc}\n{server.log_tail()}", file=sys.stderr)
         return 1
     key_cmd = "$(.venv/bin/python -m scripts.serve key inference)"
     print("\nTorchServe is ready:")
-    for entry in catalog.models:
+    for entry in catalog.loaded_at_start:
         print(f"  {entry.name:<10} {entry.version:<5} {ready[entry.name]} READY worker(s)  "
               f"{server.inference_url}/predictions/{entry.name}")
     print(f"  inference API:  {server.inference_url}\n  management API: {server.management_url}\n"

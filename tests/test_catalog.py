@@ -36,7 +36,8 @@ def test_archives_config_properties_and_catalog_agree(catalog, model_store):
     with open(CONFIG_PROPERTIES_PATH) as f:
         props = parse_config_properties(f.read())
     served = json.loads(props["models"])
-    assert props["load_models"].split(",") == [m.mar_name for m in catalog.models]
+    assert props["load_models"].split(",") == [m.mar_name for m in catalog.loaded_at_start]
+    assert set(served) == {m.name for m in catalog.loaded_at_start}
     for entry in catalog.models:
         mar = os.path.join(model_store, entry.mar_name)
         manifest = json.loads(read_archive(mar, "MAR-INF/MANIFEST.json"))
@@ -44,13 +45,25 @@ def test_archives_config_properties_and_catalog_agree(catalog, model_store):
         assert manifest["model"]["modelName"] == entry.name
         assert manifest["model"]["modelVersion"] == entry.version
         assert {k: config[k] for k in SERVING_KEYS} == entry.serving
-        assert served[entry.name][entry.version] == {"defaultVersion": True, "marName": entry.mar_name,
-                                                     **entry.serving}
+        if entry.load_at_start:
+            assert served[entry.name][entry.version] == {"defaultVersion": True,
+                                                         "marName": entry.mar_name, **entry.serving}
         handler = dict(config["handler"])
         meta = handler.pop("meta")
         assert meta["name"] == entry.name and meta["version"] == entry.version
-        assert handler["model"].pop("weights") == "weights.pt" and handler.pop("labels") == "labels.json"
+        assert meta["variant"] == entry.variant
+        assert handler.pop("labels") == "labels.json"
+        weights = handler["model"].pop("weights")
+        assert manifest["model"]["serializedFile"] == weights
+        kind = (entry.transform or {}).get("kind")
+        expected_format = {None: "state_dict", "torchscript": "torchscript", "int8_x86": "torchscript",
+                           "onnx": "onnx"}[kind]
+        assert handler["model"].pop("format", "state_dict") == expected_format
+        assert handler["model"].pop("quantization", "none") == ("int8_x86" if kind == "int8_x86" else "none")
         assert handler == entry.handler_config
+        if entry.variant != "fp32":  # the fidelity gate's figures travel with the archive
+            assert json.loads(read_archive(mar, "fidelity.json"))["reference"] == entry.base
+            assert meta["fidelity"]["samples"] >= 64
 
 
 def test_recorded_hashes_match_the_archives(catalog, model_store):

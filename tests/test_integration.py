@@ -25,7 +25,7 @@ def server(catalog, model_store, tmp_path_factory):
     ts = TorchServe.from_catalog(str(tmp_path_factory.mktemp("ts")), catalog, model_store)
     ts.start()
     try:
-        for entry in catalog.models:
+        for entry in catalog.loaded_at_start:  # as `make serve` serves them
             s = entry.serving
             ts.client.register(entry.mar_name, model_name=entry.name, batch_size=s["batchSize"],
                                max_batch_delay=s["maxBatchDelay"], initial_workers=s["minWorkers"],
@@ -33,7 +33,7 @@ def server(catalog, model_store, tmp_path_factory):
         # A copy of digits with a long batch delay, so that concurrent requests share one batch.
         ts.client.register("digits.mar", model_name="digits_batched", batch_size=8,
                            max_batch_delay=2000, initial_workers=1, synchronous="true")
-        ts.client.wait_ready([m.name for m in catalog.models] + ["digits_batched"], 180)
+        ts.client.wait_ready([m.name for m in catalog.loaded_at_start] + ["digits_batched"], 180)
         yield ts
     except Exception:
         print(ts.log_tail())
@@ -150,3 +150,29 @@ def test_describe_reports_ready_workers_and_the_archive_meta(server):
     customized = server.client.describe("digits", customized=True)[0]
     meta = customized["customizedMetadata"]["meta"]
     assert meta["heldout_accuracy"] >= 0.97
+
+
+@pytest.mark.parametrize("variant", ["amp", "int8", "compiled", "onnx"])
+def test_every_variant_serves_through_torchserve(server, catalog, samples, variant):
+    """Registered through the management API with its catalog settings, answered, unregistered."""
+    _, _, images, labels = samples.digits_split()
+    for base in ("digits", "resnet18"):
+        entry = catalog.model(f"{base}_{variant}")
+        s = entry.serving
+        server.client.register(entry.mar_name, model_name=entry.name, batch_size=s["batchSize"],
+                               max_batch_delay=s["maxBatchDelay"], initial_workers=1,
+                               response_timeout=s["responseTimeout"], synchronous="true")
+        try:
+            if base == "digits":
+                answers = [post(server, entry.name, samples.png_bytes(p)) for p in images[:20]]
+                assert all(a.status_code == 200 for a in answers)
+                correct = sum(a.json()[0]["label"] == str(l) for a, l in zip(answers, labels[:20]))
+                assert correct >= 19
+            else:
+                for photo in samples.photo_bytes():
+                    answer = post(server, entry.name, photo, {"Content-Type": "image/jpeg"})
+                    assert answer.status_code == 200 and len(answer.json()) == 5
+            meta = server.client.describe(entry.name, customized=True)[0]["customizedMetadata"]["meta"]
+            assert meta["variant"] == variant and "fidelity" in meta
+        finally:
+            server.client.unregister(entry.name)

@@ -9,6 +9,8 @@ from typing import Any, Optional
 from handler_kit.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
+MODEL_FORMATS = ("state_dict", "torchscript", "onnx")  # picks the runtime: eager, TorchScript, ONNX Runtime
+QUANTIZATIONS = ("none", "int8_x86")
 DTYPES = ("float32", "bfloat16", "float16")
 COLOR_MODES = ("rgb", "grayscale")
 
@@ -51,11 +53,12 @@ def _floats(value, length: int, where: str) -> tuple:
 @dataclass(frozen=True)
 class ModelSpec:
     """How to build the network and where its weights are inside the archive."""
-    module: str           # importable module: a file shipped in the archive, or e.g. torchvision.models
-    factory: str          # callable in that module returning an nn.Module
-    weights: str          # state_dict file inside the archive, loaded with weights_only=True
+    weights: str          # file inside the archive: a state_dict, a TorchScript or an ONNX model
+    format: str = "state_dict"
+    module: str = ""      # state_dict only: importable module (archive file or e.g. torchvision.models)
+    factory: str = ""     # state_dict only: callable in that module returning an nn.Module
     kwargs: dict = field(default_factory=dict)
-
+    quantization: str = "none"  # int8_x86: quantized at build time, runs on CPU only
 
 @dataclass(frozen=True)
 class ImageSpec:
@@ -73,6 +76,7 @@ class RuntimeSpec:
     dtype: str = "float32"        # float32, or autocast to bfloat16/float16
     channels_last: bool = True
     threads: Optional[int] = None  # None: cores / workers of this model
+    compile: bool = False         # torch.compile the eager model at load (state_dict format only)
 
 
 @dataclass(frozen=True)
@@ -86,28 +90,53 @@ class ImageClassifierConfig:
 
 
 def parse_model(section) -> ModelSpec:
-    s = _check_keys(section, ("module", "factory", "weights", "kwargs"), "handler.model")
+    s = _check_keys(section, ("format", "module", "factory", "weights", "kwargs", "quantization"),
+                    "handler.model")
+    fmt = _choice(s.get("format", "state_dict"), MODEL_FORMATS, "handler.model.format")
     kwargs = s.get("kwargs", {}) or {}
     if not isinstance(kwargs, dict):
         raise ConfigError("model-config.yaml: 'handler.model.kwargs' must be a mapping")
-    return ModelSpec(module=str(_require(s, "module", "handler.model")),
-                     factory=str(_require(s, "factory", "handler.model")),
-                     weights=str(_require(s, "weights", "handler.model")), kwargs=kwargs)
+    if fmt == "state_dict":
+        module = str(_require(s, "module", "handler.model"))
+        factory = str(_require(s, "factory", "handler.model"))
+    else:
+        module, factory = str(s.get("module", "")), str(s.get("factory", ""))
+    return ModelSpec(weights=str(_require(s, "weights", "handler.model")), format=fmt,
+                     module=module, factory=factory, kwargs=kwargs,
+                     quantization=_choice(s.get("quantization", "none"), QUANTIZATIONS,
+                                          "handler.model.quantization"))
+
+
+def _flag(section: dict, key: str, default: bool, where: str) -> bool:
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"model-config.yaml: '{where}.{key}' must be true or false, got {value!r}")
+    return value
 
 
 def parse_runtime(section) -> RuntimeSpec:
-    s = _check_keys(section or {}, ("device", "dtype", "channels_last", "threads"), "handler.runtime")
+    s = _check_keys(section or {}, ("device", "dtype", "channels_last", "threads", "compile"),
+                    "handler.runtime")
     threads = s.get("threads", "auto")
-    if threads == "auto":
-        threads = None
-    else:
-        threads = _positive_int(threads, "handler.runtime.threads")
-    channels_last = s.get("channels_last", True)
-    if not isinstance(channels_last, bool):
-        raise ConfigError("model-config.yaml: 'handler.runtime.channels_last' must be true or false")
+    threads = None if threads == "auto" else _positive_int(threads, "handler.runtime.threads")
     return RuntimeSpec(device=_choice(s.get("device", "auto"), DEVICES, "handler.runtime.device"),
                        dtype=_choice(s.get("dtype", "float32"), DTYPES, "handler.runtime.dtype"),
-                       channels_last=channels_last, threads=threads)
+                       channels_last=_flag(s, "channels_last", True, "handler.runtime"),
+                       threads=threads, compile=_flag(s, "compile", False, "handler.runtime"))
+
+
+def check_model_runtime(model: ModelSpec, rt: RuntimeSpec) -> None:
+    """Combinations that cannot work are refused at load, not at the first request."""
+    if model.format != "state_dict" and rt.dtype != "float32":
+        raise ConfigError(f"model-config.yaml: 'handler.runtime.dtype' {rt.dtype!r} needs "
+                          f"'handler.model.format' state_dict (autocast runs on the eager model); "
+                          f"{model.format} models run as exported")
+    if rt.compile and model.format != "state_dict":
+        raise ConfigError("model-config.yaml: 'handler.runtime.compile' needs "
+                          "'handler.model.format' state_dict")
+    if model.quantization == "int8_x86" and rt.device == "cuda":
+        raise ConfigError("model-config.yaml: an int8_x86 quantized model runs on CPU only, "
+                          "but 'handler.runtime.device' is 'cuda'")
 
 
 def parse_image(section) -> ImageSpec:
@@ -134,9 +163,10 @@ def parse_image_classifier(handler_section) -> ImageClassifierConfig:
     meta = s.get("meta", {}) or {}
     if not isinstance(meta, dict):
         raise ConfigError("model-config.yaml: 'handler.meta' must be a mapping")
-    return ImageClassifierConfig(model=parse_model(_require(s, "model", "handler")),
-                                 image=parse_image(_require(s, "image", "handler")),
-                                 runtime=parse_runtime(s.get("runtime")),
+    model, rt = parse_model(_require(s, "model", "handler")), parse_runtime(s.get("runtime"))
+    check_model_runtime(model, rt)
+    return ImageClassifierConfig(model=model, image=parse_image(_require(s, "image", "handler")),
+                                 runtime=rt,
                                  labels=str(_require(s, "labels", "handler")),
                                  topk=_positive_int(s.get("topk", 5), "handler.topk"),
                                  meta=meta)

@@ -4,6 +4,7 @@ import importlib
 import logging
 import os
 import pickle
+import warnings
 
 import torch
 
@@ -73,6 +74,81 @@ def build_model(module: str, factory: str, kwargs: dict, weights_path: str,
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+class EagerRunner:
+    """An nn.Module from a state_dict, optionally autocast and/or torch.compile'd."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: str, compile_model: bool):
+        self.model = torch.compile(model) if compile_model else model
+        self.device, self.dtype = device, dtype
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            return self.model(batch.to(self.device, non_blocking=True))
+
+
+class TorchScriptRunner:
+    """A traced and frozen TorchScript module (fp32 or int8); loading it runs no pickled code."""
+
+    def __init__(self, path: str, device: torch.device, quantized: bool):
+        if not os.path.isfile(path):
+            raise ConfigError(f"model file {os.path.basename(path)} is missing from the archive")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, still served
+            model = torch.jit.load(path, map_location=device).eval()
+            if not quantized:  # oneDNN conv fusions and prepacked weights, for this machine
+                model = torch.jit.optimize_for_inference(model)
+        self.model, self.device = model, device
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(batch.to(self.device, non_blocking=True))
+
+
+class OnnxRunner:
+    """An ONNX model served by ONNX Runtime, on CUDA when the worker has a GPU."""
+
+    def __init__(self, path: str, device: torch.device, threads: int):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ConfigError("handler.model.format 'onnx' needs the onnxruntime package in the "
+                              "worker's environment (pip install onnxruntime)") from None
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                raise ConfigError("this worker has a GPU but onnxruntime has no CUDAExecutionProvider; "
+                                  "install onnxruntime-gpu or set handler.runtime.device: cpu")
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(path, options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        array = batch.detach().to("cpu").contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+
+
+def load_runner(model_spec, runtime_spec, model_dir: str, device: torch.device, threads: int):
+    """The one runtime this archive's configuration names; its optional packages are imported
+    only on that path, and a missing one fails the load."""
+    path = os.path.join(model_dir, model_spec.weights)
+    if model_spec.quantization == "int8_x86":
+        if device.type != "cpu":
+            raise ConfigError(f"this archive holds an int8_x86 quantized model, which runs on CPU only, "
+                              f"but the worker was given {device}; serve the fp32 or amp variant on a "
+                              f"GPU, or set handler.runtime.device: cpu")
+        torch.backends.quantized.engine = "x86"
+    if model_spec.format == "torchscript":
+        return TorchScriptRunner(path, device, quantized=model_spec.quantization != "none")
+    if model_spec.format == "onnx":
+        return OnnxRunner(path, device, threads)
+    model = build_model(model_spec.module, model_spec.factory, model_spec.kwargs, path, device,
+                        runtime_spec.channels_last)
+    return EagerRunner(model, device, runtime_spec.dtype, runtime_spec.compile)
 
 
 def autocast(device: torch.device, dtype: str):

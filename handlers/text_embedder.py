@@ -1,0 +1,97 @@
+"""TorchServe handler for sentence embeddings (e.g. all-MiniLM-L6-v2); every model fact comes from
+the archive's config.
+
+Stages (each a plain function in handler_kit.text, unit-tested on its own):
+text.texts_of -> text.tokenize_batch (all texts of the server-side batch at once) -> model once
+-> text.embed (mean pooling, L2 norm) -> text.format_embeddings (split back per request).
+A request that fails a stage gets its own 4xx; the rest of the server-side batch is answered.
+"""
+import logging
+import os
+import time
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from handler_kit import batching, runtime, text
+from handler_kit.errors import ConfigError
+from handler_kit.text_config import parse_text_embedder
+
+logger = logging.getLogger(__name__)
+
+
+class TextEmbedderHandler(BaseHandler):
+    def initialize(self, context):
+        properties = context.system_properties
+        model_config = context.model_yaml_config or {}
+        self.config = parse_text_embedder(model_config.get("handler"))
+        cfg = self.config
+        self.device = runtime.select_device(cfg.runtime.device, properties.get("gpu_id"))
+        if cfg.runtime.quantization == "dynamic_int8" and self.device.type != "cpu":
+            raise ConfigError(f"handler.runtime.quantization dynamic_int8 runs on CPU only, but the worker "
+                              f"was given {self.device}; set handler.runtime.device: cpu, or quantization: none")
+        if self.device.type == "cpu":
+            threads = runtime.thread_budget(cfg.runtime.threads, model_config.get("maxWorkers", 1),
+                                            runtime.available_cores())
+            runtime.apply_thread_budget(threads)
+        folder = os.path.join(properties.get("model_dir"), cfg.model_path)
+        self.tokenizer, self.model = text.load_tokenizer_and_model(folder, self.device)
+        text.check_max_length(cfg.max_length, self.tokenizer, self.model)
+        if cfg.runtime.quantization == "dynamic_int8":
+            self.model = text.quantize_dynamic_int8(self.model)
+        self.model_name = context.model_name
+        self.version = str((context.manifest or {}).get("model", {}).get("modelVersion", ""))
+        self.max_batch = int(properties.get("batch_size") or 1)
+        self._warm_up()
+        self.initialized = True
+        logger.info("model ready on %s (threads=%d, dtype=%s, quantization=%s, batch<=%d)", self.device,
+                    torch.get_num_threads(), cfg.runtime.dtype, cfg.runtime.quantization, self.max_batch)
+
+    def _warm_up(self):
+        """A worker is ready only once a full-size batch of texts longer than max_length (the
+        truncation path, the widest padding) has gone through every stage."""
+        long_text = ("warm up the encoder " * self.config.max_length)[:self.config.max_chars]
+        requests = [{"body": long_text.encode()}] * self.max_batch
+        started = time.perf_counter()
+        results = self.postprocess(self.inference(self.preprocess(requests)))
+        bad = [r for r in results if not (isinstance(r, dict) and "embeddings" in r)]
+        if bad:
+            raise RuntimeError(f"warm-up inference failed: {bad[0]}")
+        logger.info("warm-up batch of %d took %.0f ms", self.max_batch,
+                    (time.perf_counter() - started) * 1000)
+
+    def _prepare_one(self, request):
+        return text.texts_of(request, self.config.max_texts, self.config.max_chars)
+
+    def preprocess(self, data):
+        return batching.prepare(data, self._prepare_one)
+
+    def inference(self, batch, *args, **kwargs):
+        if not batch.items:
+            return batch, None
+        texts = [t for request_texts in batch.items for t in request_texts]
+        inputs, truncated = text.tokenize_batch(self.tokenizer, texts, self.config.max_length)
+        with torch.inference_mode(), runtime.autocast(self.device, self.config.runtime.dtype):
+            embeddings = text.embed(self.model, inputs, self.device)
+        return batch, (embeddings, truncated)
+
+    def postprocess(self, data):
+        batch, outputs = data
+        results = []
+        if outputs is not None:
+            embeddings, truncated = outputs
+            counts = [len(request_texts) for request_texts in batch.items]
+            results = text.format_embeddings(embeddings, truncated, counts, self.model_name, self.version)
+        return batching.merge(batch, results, self._set_status)
+
+    def _set_status(self, idx, code, message):
+        context = getattr(self, "context", None)
+        if context is not None:
+            context.set_response_status(code, message, idx)
+
+    def describe_handle(self):
+        """Answer of the management API's describe call with ``?customized=true``."""
+        runtime_cfg = self.config.runtime
+        return {"meta": self.config.meta, "device": str(self.device), "dtype": runtime_cfg.dtype,
+                "quantization": runtime_cfg.quantization, "max_length": self.config.max_length,
+                "dimension": int(self.model.config.hidden_size)}
