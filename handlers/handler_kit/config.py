@@ -15,13 +15,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 COLOR_MODES = ("rgb", "grayscale")
 
 
-def _require(section: dict, key: str, where: str):
+def require(section: dict, key: str, where: str):
     if key not in section:
         raise ConfigError(f"model-config.yaml: '{where}.{key}' is missing")
     return section[key]
 
 
-def _check_keys(section: Any, allowed: tuple, where: str) -> dict:
+def check_keys(section: Any, allowed: tuple, where: str) -> dict:
     if not isinstance(section, dict):
         raise ConfigError(f"model-config.yaml: '{where}' must be a mapping, got {type(section).__name__}")
     unknown = sorted(set(section) - set(allowed))
@@ -31,19 +31,19 @@ def _check_keys(section: Any, allowed: tuple, where: str) -> dict:
     return section
 
 
-def _choice(value, allowed: tuple, where: str):
+def choice(value, allowed: tuple, where: str):
     if value not in allowed:
         raise ConfigError(f"model-config.yaml: '{where}' is {value!r}; allowed values: {', '.join(allowed)}")
     return value
 
 
-def _positive_int(value, where: str) -> int:
+def positive_int(value, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"model-config.yaml: '{where}' must be a positive integer, got {value!r}")
     return value
 
 
-def _floats(value, length: int, where: str) -> tuple:
+def floats(value, length: int, where: str) -> tuple:
     if (not isinstance(value, (list, tuple)) or len(value) != length
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
         raise ConfigError(f"model-config.yaml: '{where}' must be a list of {length} numbers, got {value!r}")
@@ -90,24 +90,24 @@ class ImageClassifierConfig:
 
 
 def parse_model(section) -> ModelSpec:
-    s = _check_keys(section, ("format", "module", "factory", "weights", "kwargs", "quantization"),
+    s = check_keys(section, ("format", "module", "factory", "weights", "kwargs", "quantization"),
                     "handler.model")
-    fmt = _choice(s.get("format", "state_dict"), MODEL_FORMATS, "handler.model.format")
+    fmt = choice(s.get("format", "state_dict"), MODEL_FORMATS, "handler.model.format")
     kwargs = s.get("kwargs", {}) or {}
     if not isinstance(kwargs, dict):
         raise ConfigError("model-config.yaml: 'handler.model.kwargs' must be a mapping")
     if fmt == "state_dict":
-        module = str(_require(s, "module", "handler.model"))
-        factory = str(_require(s, "factory", "handler.model"))
+        module = str(require(s, "module", "handler.model"))
+        factory = str(require(s, "factory", "handler.model"))
     else:
         module, factory = str(s.get("module", "")), str(s.get("factory", ""))
-    return ModelSpec(weights=str(_require(s, "weights", "handler.model")), format=fmt,
+    return ModelSpec(weights=str(require(s, "weights", "handler.model")), format=fmt,
                      module=module, factory=factory, kwargs=kwargs,
-                     quantization=_choice(s.get("quantization", "none"), QUANTIZATIONS,
+                     quantization=choice(s.get("quantization", "none"), QUANTIZATIONS,
                                           "handler.model.quantization"))
 
 
-def _flag(section: dict, key: str, default: bool, where: str) -> bool:
+def flag(section: dict, key: str, default: bool, where: str) -> bool:
     value = section.get(key, default)
     if not isinstance(value, bool):
         raise ConfigError(f"model-config.yaml: '{where}.{key}' must be true or false, got {value!r}")
@@ -115,14 +115,14 @@ def _flag(section: dict, key: str, default: bool, where: str) -> bool:
 
 
 def parse_runtime(section) -> RuntimeSpec:
-    s = _check_keys(section or {}, ("device", "dtype", "channels_last", "threads", "compile"),
+    s = check_keys(section or {}, ("device", "dtype", "channels_last", "threads", "compile"),
                     "handler.runtime")
     threads = s.get("threads", "auto")
-    threads = None if threads == "auto" else _positive_int(threads, "handler.runtime.threads")
-    return RuntimeSpec(device=_choice(s.get("device", "auto"), DEVICES, "handler.runtime.device"),
-                       dtype=_choice(s.get("dtype", "float32"), DTYPES, "handler.runtime.dtype"),
-                       channels_last=_flag(s, "channels_last", True, "handler.runtime"),
-                       threads=threads, compile=_flag(s, "compile", False, "handler.runtime"))
+    threads = None if threads == "auto" else positive_int(threads, "handler.runtime.threads")
+    return RuntimeSpec(device=choice(s.get("device", "auto"), DEVICES, "handler.runtime.device"),
+                       dtype=choice(s.get("dtype", "float32"), DTYPES, "handler.runtime.dtype"),
+                       channels_last=flag(s, "channels_last", True, "handler.runtime"),
+                       threads=threads, compile=flag(s, "compile", False, "handler.runtime"))
 
 
 def check_model_runtime(model: ModelSpec, rt: RuntimeSpec) -> None:
@@ -140,33 +140,33 @@ def check_model_runtime(model: ModelSpec, rt: RuntimeSpec) -> None:
 
 
 def parse_image(section) -> ImageSpec:
-    s = _check_keys(section, ("color", "resize", "crop", "mean", "std", "max_pixels"), "handler.image")
-    color = _choice(s.get("color", "rgb"), COLOR_MODES, "handler.image.color")
+    s = check_keys(section, ("color", "resize", "crop", "mean", "std", "max_pixels"), "handler.image")
+    color = choice(s.get("color", "rgb"), COLOR_MODES, "handler.image.color")
     channels = 3 if color == "rgb" else 1
-    resize = _positive_int(_require(s, "resize", "handler.image"), "handler.image.resize")
-    crop = _positive_int(s.get("crop", resize), "handler.image.crop")
+    resize = positive_int(require(s, "resize", "handler.image"), "handler.image.resize")
+    crop = positive_int(s.get("crop", resize), "handler.image.crop")
     if crop > resize:
         raise ConfigError(f"model-config.yaml: 'handler.image.crop' ({crop}) must not exceed "
                           f"'handler.image.resize' ({resize})")
-    std = _floats(_require(s, "std", "handler.image"), channels, "handler.image.std")
+    std = floats(require(s, "std", "handler.image"), channels, "handler.image.std")
     if any(v <= 0 for v in std):
         raise ConfigError("model-config.yaml: 'handler.image.std' values must be > 0")
     return ImageSpec(color=color, resize=resize, crop=crop,
-                     mean=_floats(_require(s, "mean", "handler.image"), channels, "handler.image.mean"),
+                     mean=floats(require(s, "mean", "handler.image"), channels, "handler.image.mean"),
                      std=std,
-                     max_pixels=_positive_int(s.get("max_pixels", 50_000_000), "handler.image.max_pixels"))
+                     max_pixels=positive_int(s.get("max_pixels", 50_000_000), "handler.image.max_pixels"))
 
 
 def parse_image_classifier(handler_section) -> ImageClassifierConfig:
     """Validate the ``handler:`` section of model-config.yaml for the image classifier."""
-    s = _check_keys(handler_section, ("model", "image", "runtime", "labels", "topk", "meta"), "handler")
+    s = check_keys(handler_section, ("model", "image", "runtime", "labels", "topk", "meta"), "handler")
     meta = s.get("meta", {}) or {}
     if not isinstance(meta, dict):
         raise ConfigError("model-config.yaml: 'handler.meta' must be a mapping")
-    model, rt = parse_model(_require(s, "model", "handler")), parse_runtime(s.get("runtime"))
+    model, rt = parse_model(require(s, "model", "handler")), parse_runtime(s.get("runtime"))
     check_model_runtime(model, rt)
-    return ImageClassifierConfig(model=model, image=parse_image(_require(s, "image", "handler")),
+    return ImageClassifierConfig(model=model, image=parse_image(require(s, "image", "handler")),
                                  runtime=rt,
-                                 labels=str(_require(s, "labels", "handler")),
-                                 topk=_positive_int(s.get("topk", 5), "handler.topk"),
+                                 labels=str(require(s, "labels", "handler")),
+                                 topk=positive_int(s.get("topk", 5), "handler.topk"),
                                  meta=meta)

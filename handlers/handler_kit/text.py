@@ -8,7 +8,7 @@ plain transformers, so no sentence-transformers package is needed in the worker.
 import json
 import os
 import warnings
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 
@@ -25,23 +25,6 @@ REQUIRED_MODEL_FILES = ("config.json", "tokenizer_config.json", "model.safetenso
 
 # ---------------------------------------------------------------------------------------------
 # request -> texts
-
-
-def _text_payload(request) -> Tuple[str, object]:
-    """(field name, value) of the one field carrying this request's texts."""
-    if not isinstance(request, dict):
-        raise BadInput("request could not be read")
-    for name in TEXT_FIELDS:
-        if request.get(name) is not None:
-            return name, request[name]
-    candidates = [(k, v) for k, v in request.items() if isinstance(v, (bytes, bytearray, str, dict, list))]
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise BadInput("request has no body: send the text as the request body, or JSON "
-                       "{\"inputs\": [\"text\", ...]}")
-    names = ", ".join(sorted(k for k, _ in candidates))
-    raise BadInput(f"request has several payload fields ({names}); send exactly one")
 
 
 def _decode_body(value: bytes):
@@ -105,7 +88,8 @@ def check_texts(texts: list, max_texts: int, max_chars: int) -> List[str]:
 def texts_of(request, max_texts: int, max_chars: int) -> List[str]:
     """One request's texts, whatever the wire format: a raw UTF-8 body or text/* (one text), or
     JSON: "text", ["text", ...], {"inputs": "text"} or {"inputs": ["text", ...]}."""
-    name, value = _text_payload(request)
+    name, value = wire.payload_field(request, TEXT_FIELDS, (bytes, bytearray, str, dict, list),
+                                     'the text as the request body, or JSON {"inputs": ["text", ...]}')
     if isinstance(value, (bytes, bytearray)):
         value = _decode_body(bytes(value))
         if isinstance(value, str):  # a raw text body is one text, JSON-looking or not

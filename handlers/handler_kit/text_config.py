@@ -6,7 +6,7 @@ configuration, and a wrong key fails the load with a message naming it and what 
 from dataclasses import dataclass
 from typing import Optional
 
-from handler_kit.config import DEVICES, _check_keys, _choice, _positive_int, _require
+from handler_kit.config import DEVICES, check_keys, choice, positive_int, require
 from handler_kit.errors import ConfigError
 
 TEXT_DTYPES = ("float32", "bfloat16")
@@ -32,13 +32,13 @@ class TextEmbedderConfig:
 
 
 def parse_text_runtime(section) -> TextRuntimeSpec:
-    s = _check_keys(section or {}, ("device", "dtype", "quantization", "threads"), "handler.runtime")
+    s = check_keys(section or {}, ("device", "dtype", "quantization", "threads"), "handler.runtime")
     threads = s.get("threads", "auto")
-    threads = None if threads == "auto" else _positive_int(threads, "handler.runtime.threads")
+    threads = None if threads == "auto" else positive_int(threads, "handler.runtime.threads")
     spec = TextRuntimeSpec(
-        device=_choice(s.get("device", "auto"), DEVICES, "handler.runtime.device"),
-        dtype=_choice(s.get("dtype", "float32"), TEXT_DTYPES, "handler.runtime.dtype"),
-        quantization=_choice(s.get("quantization", "none"), TEXT_QUANTIZATIONS,
+        device=choice(s.get("device", "auto"), DEVICES, "handler.runtime.device"),
+        dtype=choice(s.get("dtype", "float32"), TEXT_DTYPES, "handler.runtime.dtype"),
+        quantization=choice(s.get("quantization", "none"), TEXT_QUANTIZATIONS,
                              "handler.runtime.quantization"),
         threads=threads)
     if spec.quantization == "dynamic_int8" and spec.device == "cuda":
@@ -54,16 +54,16 @@ def parse_text_runtime(section) -> TextRuntimeSpec:
 
 def parse_text_embedder(handler_section) -> TextEmbedderConfig:
     """Validate the ``handler:`` section of model-config.yaml for the text embedder."""
-    s = _check_keys(handler_section, ("model", "max_length", "max_chars", "max_texts", "runtime", "meta"),
+    s = check_keys(handler_section, ("model", "max_length", "max_chars", "max_texts", "runtime", "meta"),
                     "handler")
-    model = _check_keys(_require(s, "model", "handler"), ("path",), "handler.model")
+    model = check_keys(require(s, "model", "handler"), ("path",), "handler.model")
     meta = s.get("meta", {}) or {}
     if not isinstance(meta, dict):
         raise ConfigError("model-config.yaml: 'handler.meta' must be a mapping")
     return TextEmbedderConfig(
-        model_path=str(_require(model, "path", "handler.model")),
-        max_length=_positive_int(s.get("max_length", 256), "handler.max_length"),
-        max_chars=_positive_int(s.get("max_chars", 10_000), "handler.max_chars"),
-        max_texts=_positive_int(s.get("max_texts", 64), "handler.max_texts"),
+        model_path=str(require(model, "path", "handler.model")),
+        max_length=positive_int(s.get("max_length", 256), "handler.max_length"),
+        max_chars=positive_int(s.get("max_chars", 10_000), "handler.max_chars"),
+        max_texts=positive_int(s.get("max_texts", 64), "handler.max_texts"),
         runtime=parse_text_runtime(s.get("runtime")),
         meta=meta)

@@ -15,16 +15,22 @@ PAYLOAD_FIELDS = ("data", "body", "file", "image", "input", "instances")
 BASE64_KEYS = ("data", "image", "b64", "bytes")
 
 
-def _first_payload(request: dict):
-    for name in PAYLOAD_FIELDS:
-        if name in request and request[name] is not None:
+def payload_field(request, fields=PAYLOAD_FIELDS, accepted=(bytes, bytearray, dict, list),
+                  what: str = "the image as the request body, a multipart field, or JSON "
+                              "{\"data\": \"<base64>\"}") -> tuple:
+    """(name, value) of the one parameter carrying this request's payload: the first of
+    ``fields`` present, else the only parameter of an ``accepted`` type (query-string
+    parameters arrive as parameters too)."""
+    if not isinstance(request, dict):
+        raise BadInput("request could not be read")
+    for name in fields:
+        if request.get(name) is not None:
             return name, request[name]
-    candidates = [(k, v) for k, v in request.items() if isinstance(v, (bytes, bytearray, dict, list))]
+    candidates = [(k, v) for k, v in request.items() if isinstance(v, accepted)]
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        raise BadInput("request has no body: send the image as the request body, a multipart "
-                       "field, or JSON {\"data\": \"<base64>\"}")
+        raise BadInput(f"request has no body: send {what}")
     names = ", ".join(sorted(k for k, _ in candidates))
     raise BadInput(f"request has several payload fields ({names}); send exactly one")
 
@@ -42,9 +48,7 @@ def decode_base64(text, field: str) -> bytes:
 
 def binary_payload(request: dict) -> bytes:
     """The binary payload of one request (an image, say), whatever the wire format."""
-    if not isinstance(request, dict):
-        raise BadInput("request could not be read")
-    name, value = _first_payload(request)
+    name, value = payload_field(request)
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value)
         if value.lstrip()[:1] in (b"{", b"["):  # no image format starts like this
