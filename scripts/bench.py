@@ -1,21 +1,33 @@
-"""`make bench`: ResNet-18 in-process vs served by this project vs TorchServe's stock handler.
+"""`make bench`: ResNet-18 in-process vs served by this project vs TorchServe's stock handler, then
+every archive variant (fp32, amp, int8, compiled, onnx) of ResNet-18 and digits, side by side.
 
-One run, the same weights (model_store/resnet18.mar) and the same two photographs for all of:
-  (a) in-process: the handler's own stages (wire -> vision -> model -> outputs) in this process,
+Foundation table: the same weights and the same two photographs for all of
+  (a) in-process: the handler's own stages (wire -> vision -> runtime -> outputs) in this process,
       in batches of the catalog's batchSize, with the served worker's thread budget;
   (b) this project's resnet18.mar on a real TorchServe, with the catalog's serving settings;
   (c) TorchServe's stock image_classifier handler with TorchServe's defaults (batch size 1,
-      one worker per CPU core);
+      one worker per CPU core), given the fp32 state_dict from resnet18.mar (or, where that
+      archive holds a transformed model, from the eager variant's archive);
   (d) the same stock archive with (b)'s batching and workers.
-The served variants share one TorchServe and are measured one after the other: each is registered,
-loaded by --concurrency client threads (one keep-alive session each, raw JPEG bodies), then
-unregistered. Only 200 answers inside the measured window count; the rest are reported as errors.
+Variants tables: one row per archive of ResNet-18 (on the photographs) and of digits (on held-out
+digits), each measured in-process as (a) is, through the runtime its own model-config.yaml names
+(eager, autocast, TorchScript, int8, ONNX Runtime), and served as (b) is, with the catalog's
+serving settings for that entry; plus the fidelity figures the build measured (handler.meta).
+The fp32 ResNet-18 row is (a) and (b) themselves: the same archive, measured once.
 
-    python -m scripts.bench [--seconds 20] [--concurrency 16] [--warmup 2] [--only a,b,c,d]
+All in-process rows run first, before the server starts, so that they have the cores to themselves.
+Then one TorchServe serves the served rows one after the other: each is registered, loaded by
+--concurrency client threads (one keep-alive session each, raw image bodies), then unregistered.
+Only 200 answers inside the measured window count; the rest are reported as errors. A row that
+fails (an archive that does not load, say) is reported as failed and the others still run.
 
-Results: a table on stdout, build/bench/latest.json and build/bench/latest.md.
+    python -m scripts.bench [--seconds 15] [--in-process-seconds 10] [--concurrency 16] [--warmup 2]
+                            [--only a,b,c,d] [--variants fp32,amp,int8,compiled,onnx] [--skip-variants]
+
+Results: tables on stdout, build/bench/latest.json and build/bench/latest.md.
 """
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -30,7 +42,7 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # handler_kit travels at the top level of every archive, so it is imported by that name here too.
@@ -47,7 +59,7 @@ from handler_kit import outputs, runtime, vision, wire  # noqa: E402
 from handler_kit.config import parse_image_classifier  # noqa: E402
 
 from models import sample_data  # noqa: E402
-from scripts.catalog import MODEL_STORE, ModelEntry, load_catalog  # noqa: E402
+from scripts.catalog import MODEL_STORE, Catalog, ModelEntry, load_catalog  # noqa: E402
 from scripts.ts_server import TorchServe  # noqa: E402
 
 MODEL = "resnet18"
@@ -72,6 +84,13 @@ class ImageClassifier(ResNet):
     def __init__(self):
         super().__init__(BasicBlock, [2, 2, 2, 2])
 '''
+# Catalog models with a variants table, and whether their rows are served too (digits are cheap
+# to serve and show TorchServe's per-request cost when the model itself costs almost nothing).
+VARIANT_TABLES = {"resnet18": True, "digits": True}
+IN_PROCESS, SERVED = "in-process", "served"
+# The fp32 ResNet-18 row of the variants table is the foundation's (a) and (b): same archive,
+# same pipeline, same serving settings. It is measured once and shown in both tables.
+FOUNDATION_ALIAS = {IN_PROCESS: "a", SERVED: "b"}
 
 
 def log(message: str) -> None:
@@ -81,7 +100,7 @@ def log(message: str) -> None:
 # -- results -------------------------------------------------------------------------------------
 @dataclass
 class Measurement:
-    variant: str
+    variant: str           # a-d for the foundation table, "<archive name> <mode>" for variant rows
     images: int = 0
     seconds: float = 0.0
     latencies_ms: List[float] = field(default_factory=list)
@@ -91,6 +110,7 @@ class Measurement:
     top1: Dict[str, str] = field(default_factory=dict)
     first_error: Optional[str] = None
     foreign_cpu_cores: Optional[float] = None  # CPU used by other programs while measuring
+    failure: Optional[str] = None               # the row could not be measured at all
 
     @property
     def throughput(self) -> float:
@@ -100,13 +120,14 @@ class Measurement:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
 
     def summary(self) -> dict:
-        return {"title": TITLES[self.variant], "throughput_img_s": round(self.throughput, 2),
+        return {"title": TITLES.get(self.variant, self.variant),
+                "throughput_img_s": round(self.throughput, 2),
                 "p50_ms": _round(self.percentile(50)), "p99_ms": _round(self.percentile(99)),
                 "latency_of": self.latency_unit, "images_ok": self.images,
                 "measured_s": round(self.seconds, 3), "errors": sum(self.errors.values()),
                 "errors_by_kind": {str(k): v for k, v in self.errors.items()},
                 "first_error": self.first_error, "foreign_cpu_cores": _round(self.foreign_cpu_cores, 2),
-                "settings": self.settings, "top1": self.top1}
+                "failure": self.failure, "settings": self.settings, "top1": self.top1}
 
 
 def _round(value: Optional[float], digits: int = 1) -> Optional[float]:
@@ -121,6 +142,17 @@ def top1_label(body) -> str:
     if isinstance(body, dict) and body and all(isinstance(v, (int, float)) for v in body.values()):
         return max(body, key=body.get)
     return f"unexpected answer {str(body)[:60]}"
+
+
+def attempt(key: str, measure: Callable[[], Measurement]) -> Measurement:
+    """One row's measurement. A row that raises is reported as failed instead of ending the run:
+    the rows already measured (minutes of work) and the rows after it are still worth having."""
+    try:
+        return measure()
+    except Exception as exc:  # noqa: BLE001 - any failure of one row is that row's result
+        reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        log(f"({key}) FAILED: {reason}")
+        return Measurement(key, failure=reason)
 
 
 # -- CPU contention ------------------------------------------------------------------------------
@@ -169,73 +201,108 @@ def load_photos() -> Dict[str, bytes]:
     return dict(zip(sample_data.PHOTO_NAMES, sample_data.photo_bytes()))
 
 
-def extract_archive(mar_path: str, out_dir: str, names: Sequence[str]) -> str:
+def load_digits(count: int = 8) -> Dict[str, bytes]:
+    """Held-out digits as the 8-bit grayscale PNGs a client sends (named as build/samples names
+    them); never the training images, and as many as a batch holds, so batches are all distinct."""
+    _, _, images, labels = sample_data.digits_split()
+    return {f"digit_{label}_{n}.png": sample_data.png_bytes(pixels)
+            for n, (pixels, label) in enumerate(zip(images[:count], labels[:count]))}
+
+
+# What clients send each catalog model.
+INPUTS = {"resnet18": load_photos, "digits": load_digits}
+
+
+def extract_archive(mar_path: str, out_dir: str, names: Optional[Sequence[str]] = None) -> str:
+    """``names`` from the archive (all of it when None) into out_dir."""
     with zipfile.ZipFile(mar_path) as archive:
-        for name in names:
-            archive.extract(name, out_dir)
+        archive.extractall(out_dir, members=names)
     return out_dir
 
 
-# -- (a) in-process ------------------------------------------------------------------------------
-class InProcessPipeline:
-    """The served handler's stages, configured from the archive's own model-config.yaml so that
-    it runs what the worker runs; only TorchServe (HTTP, frontend batching, IPC) is left out."""
+def read_model_config(mar_path: str) -> dict:
+    """The archive's model-config.yaml: what the worker is configured with, fidelity included."""
+    with zipfile.ZipFile(mar_path) as archive:
+        return yaml.safe_load(archive.read("model-config.yaml"))
 
-    def __init__(self, archive_dir: str, entry: ModelEntry):
-        with open(os.path.join(archive_dir, "model-config.yaml"), encoding="utf-8") as f:
-            self.config = parse_image_classifier(yaml.safe_load(f)["handler"])
+
+@contextlib.contextmanager
+def importable(folder: str):
+    """TorchServe puts the model folder on the worker's sys.path, where a state_dict archive's
+    model module (digits_cnn.py) lives; do the same while the runner is built."""
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)
+
+
+# -- in-process rows -----------------------------------------------------------------------------
+class InProcessPipeline:
+    """The served handler's stages and runtime, configured from the archive's own model-config.yaml
+    so that it runs what the worker runs; only TorchServe (HTTP, frontend batching, IPC) is left out."""
+
+    def __init__(self, archive_dir: str, model_config: dict):
+        self.config = parse_image_classifier(model_config.get("handler"))
         cfg = self.config
         # A worker gets a GPU from TorchServe whenever one exists; mirror that choice.
         self.device = runtime.select_device(cfg.runtime.device, 0 if torch.cuda.is_available() else None)
         self.threads = torch.get_num_threads()
         if self.device.type == "cpu":
-            self.threads = runtime.thread_budget(cfg.runtime.threads, entry.serving["maxWorkers"],
+            self.threads = runtime.thread_budget(cfg.runtime.threads, model_config.get("maxWorkers", 1),
                                                  runtime.available_cores())
             runtime.apply_thread_budget(self.threads)
-        self.model = runtime.build_model(cfg.model.module, cfg.model.factory, cfg.model.kwargs,
-                                         os.path.join(archive_dir, cfg.model.weights), self.device,
-                                         cfg.runtime.channels_last)
+        # As the handler decides it: ONNX Runtime takes plain NCHW arrays.
+        self.channels_last = cfg.runtime.channels_last and cfg.model.format != "onnx"
+        with importable(archive_dir):
+            self.run_model = runtime.load_runner(cfg.model, cfg.runtime, archive_dir, self.device,
+                                                 self.threads)
         self.labels = outputs.load_labels(os.path.join(archive_dir, cfg.labels),
                                           cfg.model.kwargs.get("num_classes"))
 
     def __call__(self, bodies: Sequence[bytes]) -> list:
-        image_cfg, cfg = self.config.image, self.config
+        image_cfg = self.config.image
         images = [vision.resize_and_crop(vision.decode(wire.binary_payload({"body": body}),
                                                        image_cfg.color, image_cfg.max_pixels),
                                          image_cfg.resize, image_cfg.crop)
                   for body in bodies]
-        inputs = vision.to_batch(images, image_cfg.mean, image_cfg.std, cfg.runtime.channels_last)
-        with torch.inference_mode(), runtime.autocast(self.device, cfg.runtime.dtype):
-            logits = self.model(inputs.to(self.device, non_blocking=True))
+        inputs = vision.to_batch(images, image_cfg.mean, image_cfg.std, self.channels_last)
+        logits = self.run_model(inputs)  # the runner applies inference mode and autocast itself
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return outputs.topk_predictions(logits, self.labels, cfg.topk)
+        return outputs.topk_predictions(logits, self.labels, self.config.topk)
 
 
-def measure_in_process(entry: ModelEntry, photos: Dict[str, bytes], warmup_s: float,
+def measure_in_process(key: str, entry: ModelEntry, bodies: Dict[str, bytes], warmup_s: float,
                        seconds: float, workdir: str) -> Measurement:
-    archive_dir = extract_archive(os.path.join(MODEL_STORE, entry.mar_name),
-                                  os.path.join(workdir, "archive"),
-                                  ("model-config.yaml", "weights.pt", "labels.json"))
-    pipeline = InProcessPipeline(archive_dir, entry)
+    mar_path = os.path.join(MODEL_STORE, entry.mar_name)
+    archive_dir = extract_archive(mar_path, os.path.join(workdir, IN_PROCESS, entry.name))
+    pipeline = InProcessPipeline(archive_dir, read_model_config(mar_path))
     batch_size = entry.serving["batchSize"]
-    bodies = list(photos.values())
-    batch = [bodies[i % len(bodies)] for i in range(batch_size)]
-    result = Measurement("a", latency_unit=f"batch of {batch_size}",
-                         settings={"batch_size": batch_size, "threads": pipeline.threads,
-                                   "device": str(pipeline.device),
-                                   "channels_last": pipeline.config.runtime.channels_last})
-    result.top1 = {name: pipeline([body])[0][0]["label"] for name, body in photos.items()}
-    log(f"(a) batch {batch_size}, {pipeline.threads} thread(s) on {pipeline.device}: "
+    samples = list(bodies.values())
+    batch = [samples[i % len(samples)] for i in range(batch_size)]
+    cfg = pipeline.config
+    result = Measurement(key, latency_unit=f"batch of {batch_size}",
+                         settings={"archive": entry.mar_name, "batch_size": batch_size,
+                                   "threads": pipeline.threads, "device": str(pipeline.device),
+                                   "format": cfg.model.format, "quantization": cfg.model.quantization,
+                                   "dtype": cfg.runtime.dtype, "channels_last": pipeline.channels_last})
+    result.top1 = {name: pipeline([body])[0][0]["label"] for name, body in bodies.items()}
+    log(f"({key}) batch {batch_size}, {pipeline.threads} thread(s) on {pipeline.device}: "
         f"warming up {warmup_s:g} s, then measuring {seconds:g} s")
     run_batches(pipeline, batch, warmup_s)
     foreign = ForeignCpu()
     foreign.start()
+    # Duration-bounded, not a fixed count: a slow variant (bf16 autocast without native bf16
+    # instructions runs at a few img/s) takes as long as a fast one.
     result.latencies_ms, result.seconds = run_batches(pipeline, batch, seconds)
     result.foreign_cpu_cores = foreign.cores()
     result.images = len(result.latencies_ms) * batch_size
     del pipeline
-    gc.collect()  # give the model's memory back before the server's workers start
+    gc.collect()  # give the model's memory back before the next row
+    shutil.rmtree(archive_dir, ignore_errors=True)
+    log(f"({key}) {result.throughput:.1f} img/s (other programs used "
+        f"{result.foreign_cpu_cores:.2f} cores meanwhile)")
     return result
 
 
@@ -250,61 +317,85 @@ def run_batches(pipeline: InProcessPipeline, batch: List[bytes], seconds: float)
     return latencies, time.perf_counter() - started
 
 
-# -- served variants -----------------------------------------------------------------------------
+# -- served rows ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ServedVariant:
     key: str
     model_name: str
     archive: str           # file name in the server's model store
     registration: dict     # management API parameters beyond url and model_name
+    inputs: Dict[str, bytes] = field(compare=False, repr=False, default_factory=dict)
 
 
-def served_variants(entry: ModelEntry, keys: Sequence[str]) -> List[ServedVariant]:
+def catalog_registration(entry: ModelEntry) -> dict:
+    """Management API parameters that give a model the catalog's serving settings."""
     serving = entry.serving
-    catalog_batching = {"batch_size": serving["batchSize"], "max_batch_delay": serving["maxBatchDelay"],
-                        "initial_workers": serving["minWorkers"],
-                        "response_timeout": serving["responseTimeout"]}
+    return {"batch_size": serving["batchSize"], "max_batch_delay": serving["maxBatchDelay"],
+            "initial_workers": serving["minWorkers"], "response_timeout": serving["responseTimeout"]}
+
+
+def foundation_served(entry: ModelEntry, keys: Sequence[str], photos: Dict[str, bytes]) -> List[ServedVariant]:
     stock_mar = f"{STOCK_ARCHIVE}.mar"
     variants = [
-        ServedVariant("b", entry.name, entry.mar_name, catalog_batching),
+        ServedVariant("b", entry.name, entry.mar_name, catalog_registration(entry), photos),
         # Without initial_workers a registered model gets no worker at all; TorchServe's own
         # default (default_workers_per_model) is one worker per CPU core on a CPU host.
         ServedVariant("c", "resnet18_stock_default", stock_mar,
-                      {"initial_workers": os.cpu_count() or 1}),
-        ServedVariant("d", "resnet18_stock_batched", stock_mar, catalog_batching),
+                      {"initial_workers": os.cpu_count() or 1}, photos),
+        ServedVariant("d", "resnet18_stock_batched", stock_mar, catalog_registration(entry), photos),
     ]
     return [v for v in variants if v.key in keys]
 
 
-def build_stock_archive(entry: ModelEntry, store: str, workdir: str) -> str:
+def state_dict_archive(catalog: Catalog, name: str) -> tuple:
+    """(archive path, its parsed handler config) of the first of the model's archives, in catalog
+    order, that holds the plain fp32 state_dict the stock handler needs: the base archive, or its
+    eager variant where the base is served transformed (TorchScript, say). Decided from what the
+    archives hold, not from the catalog, so that a catalog edited before `make build` still works."""
+    for entry in catalog.models:
+        path = os.path.join(MODEL_STORE, entry.mar_name)
+        if entry.base != name or not os.path.isfile(path):
+            continue
+        cfg = parse_image_classifier(read_model_config(path)["handler"])
+        if cfg.model.format == "state_dict" and cfg.runtime.dtype == "float32":
+            return path, cfg
+    raise FileNotFoundError(f"no archive of {name} in model_store/ holds an fp32 state_dict "
+                            f"for the stock handler; run `make build`")
+
+
+def build_stock_archive(entry: ModelEntry, catalog: Catalog, store: str, workdir: str) -> str:
     """The same weights packaged the way TorchServe's examples do: model file + state_dict +
     index_to_name.json, served by the built-in ``image_classifier`` handler."""
-    src = extract_archive(os.path.join(MODEL_STORE, entry.mar_name), os.path.join(workdir, "stock"),
-                          ("weights.pt", "labels.json"))
+    mar_path, cfg = state_dict_archive(catalog, entry.name)
+    log(f"building the stock-handler archive from {os.path.basename(mar_path)}'s state_dict")
+    src = extract_archive(mar_path, os.path.join(workdir, "stock"), (cfg.model.weights, cfg.labels))
     model_file = os.path.join(src, "stock_resnet18.py")
     with open(model_file, "w", encoding="utf-8") as f:
         f.write(STOCK_MODEL_FILE)
-    with open(os.path.join(src, "labels.json"), encoding="utf-8") as f:
+    with open(os.path.join(src, cfg.labels), encoding="utf-8") as f:
         labels = json.load(f)
     index_to_name = os.path.join(src, "index_to_name.json")
     with open(index_to_name, "w", encoding="utf-8") as f:
         json.dump({str(i): label for i, label in enumerate(labels)}, f)
     archiver = os.path.join(os.path.dirname(sys.executable), "torch-model-archiver")
     subprocess.run([archiver, "--model-name", STOCK_ARCHIVE, "--version", entry.version,
-                    "--model-file", model_file, "--serialized-file", os.path.join(src, "weights.pt"),
+                    "--model-file", model_file, "--serialized-file", os.path.join(src, cfg.model.weights),
                     "--handler", "image_classifier", "--extra-files", index_to_name,
                     "--export-path", store, "--force"], check=True, cwd=src)
     return os.path.join(store, f"{STOCK_ARCHIVE}.mar")
 
 
-def prepare_store(entry: ModelEntry, keys: Sequence[str], workdir: str) -> str:
-    """A store of its own, so that the stock archive never lands in model_store/."""
+def prepare_store(entry: ModelEntry, catalog: Catalog, plan: Sequence[ServedVariant],
+                  workdir: str) -> str:
+    """A store of its own (links to model_store/ archives), so that the stock archive never
+    lands in model_store/."""
     store = os.path.join(workdir, "store")
     os.makedirs(store)
-    os.symlink(os.path.join(MODEL_STORE, entry.mar_name), os.path.join(store, entry.mar_name))
-    if {"c", "d"} & set(keys):
-        log("building the stock-handler archive with torch-model-archiver")
-        build_stock_archive(entry, store, workdir)
+    stock_mar = f"{STOCK_ARCHIVE}.mar"
+    for archive in sorted({v.archive for v in plan} - {stock_mar}):
+        os.symlink(os.path.join(MODEL_STORE, archive), os.path.join(store, archive))
+    if any(v.archive == stock_mar for v in plan):
+        build_stock_archive(entry, catalog, store, workdir)
     return store
 
 
@@ -358,7 +449,7 @@ class LoadGenerator:
         session.headers.update(self.headers)
         self._start.wait()
         measure_to = self.window[1]
-        n = index  # threads start on different photographs so both are always in flight
+        n = index  # threads start on different images so that all of them are always in flight
         while True:
             t0 = time.perf_counter()
             if t0 >= measure_to:
@@ -417,11 +508,11 @@ class LoadGenerator:
         return result
 
 
-def measure_served(server: TorchServe, variant: ServedVariant, photos: Dict[str, bytes],
-                   concurrency: int, warmup_s: float, seconds: float) -> Measurement:
+def measure_served(server: TorchServe, variant: ServedVariant, concurrency: int, warmup_s: float,
+                   seconds: float) -> Measurement:
     settings = register(server, variant)
     try:
-        top1 = served_top1(server, variant.model_name, photos)
+        top1 = served_top1(server, variant.model_name, variant.inputs)
         log(f"({variant.key}) {settings['workers']} worker(s), batch "
             f"{settings['batch_size']}, delay {settings['max_batch_delay_ms']} ms: {concurrency} "
             f"clients, warming up {warmup_s:g} s, then measuring {seconds:g} s")
@@ -430,37 +521,42 @@ def measure_served(server: TorchServe, variant: ServedVariant, photos: Dict[str,
                    **({"Authorization": f"Bearer {key}"} if key else {})}
         timeout_s = (settings.get("response_timeout_s") or 120) + 30
         load = LoadGenerator(f"{server.inference_url}/predictions/{variant.model_name}", headers,
-                             list(photos.values()), concurrency, timeout_s,
+                             list(variant.inputs.values()), concurrency, timeout_s,
                              ForeignCpu([server.pid()]))
         result = load.run(warmup_s, seconds, variant.key)
     finally:
         unregister(server, variant.model_name)
-    result.settings = {**settings, "concurrency": concurrency, "model_name": variant.model_name}
+    result.settings = {**settings, "archive": variant.archive, "concurrency": concurrency,
+                       "model_name": variant.model_name}
     result.top1 = top1
+    log(f"({variant.key}) {result.throughput:.1f} img/s "
+        f"(other programs used {result.foreign_cpu_cores:.2f} cores meanwhile)")
     return result
 
 
 def unregister(server: TorchServe, model_name: str) -> None:
-    """Frees the variant's workers so that the next one has the cores to itself."""
+    """Frees the variant's workers so that the next one has the cores (and memory) to itself."""
     try:
         server.client.unregister(model_name)
     except Exception as exc:  # a leftover model only costs memory; the run goes on
         log(f"    could not unregister {model_name}: {exc}")
 
 
-def run_served(entry: ModelEntry, keys: Sequence[str], photos: Dict[str, bytes], args,
+def run_served(entry: ModelEntry, catalog: Catalog, plan: Sequence[ServedVariant], args,
                workdir: str) -> List[Measurement]:
-    store = prepare_store(entry, keys, workdir)
-    server = TorchServe.from_catalog(os.path.join(workdir, "server"), load_catalog(), store)
+    """Every served row on one TorchServe, one model registered at a time."""
+    store = prepare_store(entry, catalog, plan, workdir)
+    server = TorchServe.from_catalog(os.path.join(workdir, "server"), catalog, store)
     results = []
     try:
         log(f"starting TorchServe (inference {server.inference_url}, logs in {server.home}/logs)")
         server.start()
-        for variant in served_variants(entry, keys):
-            results.append(measure_served(server, variant, photos, args.concurrency,
-                                          args.warmup, args.seconds))
-            log(f"({variant.key}) {results[-1].throughput:.1f} img/s "
-                f"(other programs used {results[-1].foreign_cpu_cores:.2f} cores meanwhile)")
+        for variant in plan:
+            result = attempt(variant.key, lambda: measure_served(server, variant, args.concurrency,
+                                                                 args.warmup, args.seconds))
+            if result.failure:
+                log(f"server log tail:\n{server.log_tail()}")
+            results.append(result)
     except Exception:
         log(f"failed; server log tail:\n{server.log_tail()}")
         raise
@@ -470,31 +566,154 @@ def run_served(entry: ModelEntry, keys: Sequence[str], photos: Dict[str, bytes],
     return results
 
 
+# -- what to measure -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VariantRow:
+    entry: ModelEntry
+    in_process_key: str
+    served_key: Optional[str]    # None where the table's rows are not served
+
+
+@dataclass(frozen=True)
+class VariantTable:
+    base: ModelEntry             # the catalog model: its own archive is the row speeds compare with
+    rows: tuple
+
+    @property
+    def metric(self) -> str:     # what the build's fidelity gate measured: agreement | accuracy
+        return self.base.fidelity["metric"]
+
+
+def row_key(entry: ModelEntry, mode: str, foundation: Sequence[str]) -> str:
+    alias = FOUNDATION_ALIAS[mode]
+    if entry.name == MODEL and alias in foundation:
+        return alias
+    return f"{entry.name} {mode}"
+
+
+def plan_variant_tables(catalog: Catalog, variants: Sequence[str],
+                        foundation: Sequence[str]) -> List[VariantTable]:
+    """One table per catalog model in VARIANT_TABLES, rows in catalog order (fp32 first)."""
+    tables = []
+    for name, served in VARIANT_TABLES.items():
+        rows = tuple(VariantRow(e, row_key(e, IN_PROCESS, foundation),
+                                row_key(e, SERVED, foundation) if served else None)
+                     for e in catalog.models if e.base == name and e.variant in variants)
+        if rows:
+            tables.append(VariantTable(catalog.model(name), rows))
+    return tables
+
+
+def in_process_plan(entry: ModelEntry, foundation: Sequence[str],
+                    tables: Sequence[VariantTable]) -> List[tuple]:
+    """(key, entry) of each in-process row to measure; the foundation's (a) first."""
+    plan = [("a", entry)] if "a" in foundation else []
+    plan += [(row.in_process_key, row.entry) for table in tables for row in table.rows
+             if row.in_process_key not in ALL_VARIANTS]
+    return plan
+
+
+def served_plan(entry: ModelEntry, foundation: Sequence[str], tables: Sequence[VariantTable],
+                inputs: Dict[str, Dict[str, bytes]]) -> List[ServedVariant]:
+    """Each served row to measure, the foundation's (b), (c), (d) first."""
+    plan = foundation_served(entry, foundation, inputs[entry.name])
+    plan += [ServedVariant(row.served_key, row.entry.name, row.entry.mar_name,
+                           catalog_registration(row.entry), inputs[table.base.name])
+             for table in tables for row in table.rows
+             if row.served_key and row.served_key not in ALL_VARIANTS]
+    return plan
+
+
 # -- report --------------------------------------------------------------------------------------
+def ratio(numerator: Optional[Measurement], denominator: Optional[Measurement]) -> Optional[float]:
+    if numerator is None or denominator is None or numerator.failure or denominator.throughput <= 0:
+        return None
+    return numerator.throughput / denominator.throughput
+
+
 def ratios(results: Dict[str, Measurement]) -> List[dict]:
     out = []
     for (num, den), target in RATIO_TARGETS.items():
-        value = None
-        if num in results and den in results and results[den].throughput > 0:
-            value = results[num].throughput / results[den].throughput
+        value = ratio(results.get(num), results.get(den))
         out.append({"ratio": f"({num})/({den})", "value": _round(value, 3), "target": target,
                     "met": None if value is None or target is None else value >= target})
     return out
 
 
-def markdown(results: Dict[str, Measurement], ratio_rows: List[dict], header: dict) -> str:
-    lines = [f"ResNet-18, {header['seconds']:g} s per variant after {header['warmup']:g} s warm-up, "
-             f"concurrency {header['concurrency']}, {header['cpu_count']} CPU cores, "
-             f"{header['started']}", "",
-             "| variant | throughput (img/s) | p50 ms | p99 ms | errors |",
+def archive_fidelity(entry: ModelEntry, handler: dict) -> dict:
+    """The build's figures against the fp32 weights, as the archive carries them. An fp32 archive
+    without figures holds those weights as they are: the reference itself (its meta holds only
+    its own held-out accuracy, where there is one)."""
+    meta = handler.get("meta", {})
+    if meta.get("fidelity") or entry.variant != "fp32":
+        return meta.get("fidelity", {})
+    figures = {"reference": True}
+    if "heldout_accuracy" in meta:
+        figures["accuracy"] = meta["heldout_accuracy"]
+    return figures
+
+
+def runtime_label(handler: dict) -> str:
+    """How the archive runs, e.g. "torchscript, int8_x86" or "state_dict, bfloat16": the variant
+    names alone do not say what the base archive is."""
+    cfg = parse_image_classifier(handler)
+    extras = [v for v, default in ((cfg.model.quantization, "none"), (cfg.runtime.dtype, "float32"))
+              if v != default]
+    return ", ".join([cfg.model.format, *extras])
+
+
+def variant_report(table: VariantTable, results: Dict[str, Measurement]) -> List[dict]:
+    """The variants table's rows, for the JSON and the markdown alike."""
+    fp32_served = next((results.get(r.served_key) for r in table.rows if r.entry.variant == "fp32"), None)
+    report = []
+    for row in table.rows:
+        in_process, served = results.get(row.in_process_key), results.get(row.served_key)
+        handler = read_model_config(os.path.join(MODEL_STORE, row.entry.mar_name))["handler"]
+        report.append({
+            "variant": row.entry.variant, "archive": row.entry.mar_name,
+            "runtime": runtime_label(handler),
+            "in_process": in_process.summary() if in_process else None,
+            "served": served.summary() if served else None,
+            "served_over_in_process": _round(ratio(served, in_process), 3),
+            "speed_vs_fp32_served": _round(ratio(served, fp32_served), 3),
+            "fidelity": archive_fidelity(row.entry, handler)})
+    return report
+
+
+def fidelity_cell(metric: str, figures: dict) -> str:
+    if metric == "accuracy":
+        if "accuracy" not in figures:
+            return "-"
+        drop = "reference" if figures.get("reference") else f"drop {figures['accuracy_drop_points']:.2f} points"
+        return f"{100 * figures['accuracy']:.2f}% ({drop})"
+    if figures.get("reference"):
+        return "reference"
+    if "top1_agreement" not in figures:
+        return "-"
+    return f"{figures['top1_agreement']:.4f}, {figures['mean_cosine']:.5f}"
+
+
+FIDELITY_HEADERS = {"agreement": "fidelity (top-1 agreement, mean cosine)",
+                    "accuracy": "held-out accuracy (drop vs fp32)"}
+
+
+def header_markdown(header: dict) -> List[str]:
+    return [f"ResNet-18, {header['seconds']:g} s per served row and {header['in_process_seconds']:g} s "
+            f"per in-process row after {header['warmup']:g} s warm-up, concurrency "
+            f"{header['concurrency']}, {header['cpu_count']} CPU cores, {header['started']}",
+            f"Machine: {header['machine']}; torch {header['torch']}, onnxruntime "
+            f"{header['onnxruntime']}, Python {header['python']}; whole run {header['duration_s']:.0f} s",
+            ""]
+
+
+def foundation_markdown(results: Dict[str, Measurement], ratio_rows: List[dict]) -> List[str]:
+    lines = ["| variant | throughput (img/s) | p50 ms | p99 ms | errors |",
              "|---|---:|---:|---:|---:|"]
     for key in ALL_VARIANTS:
         if key in results:
             r = results[key]
-            errors = sum(r.errors.values())
-            detail = f" ({', '.join(f'{k}: {v}' for k, v in r.errors.items())})" if errors else ""
-            lines.append(f"| {TITLES[key]} | {r.throughput:.1f} | {_fmt(r.percentile(50))} | "
-                         f"{_fmt(r.percentile(99))} | {errors}{detail} |")
+            lines.append(f"| {TITLES[key]} | {_throughput(r)} | {_fmt(r.percentile(50))} | "
+                         f"{_fmt(r.percentile(99))} | {_errors(r)} |")
     lines.append("")
     for row in ratio_rows:
         value = "n/a (variant not run)" if row["value"] is None else f"{row['value']:.2f}"
@@ -504,23 +723,64 @@ def markdown(results: Dict[str, Measurement], ratio_rows: List[dict], header: di
             target = f"  (target >= {row['target']}{verdict})"
         lines.append(f"- throughput {row['ratio']}: {value}{target}")
     lines.append("")
-    lines += contention_notes(results)
-    if "a" in results:
+    lines += contention_notes(results, ALL_VARIANTS)
+    if "a" in results and not results["a"].failure:
         lines.append(f"(a) latency is per batch of {results['a'].settings['batch_size']}; "
                      "served latencies are per request, measured by the client.")
     for key in ALL_VARIANTS:
         if key in results:
             lines.append(f"- {key}: settings {results[key].settings}; top-1 {results[key].top1}")
-    return "\n".join(lines) + "\n"
+    return lines + [""]
 
 
-def contention_notes(results: Dict[str, Measurement]) -> List[str]:
-    measured = {k: r.foreign_cpu_cores for k, r in results.items() if r.foreign_cpu_cores is not None}
+def variants_markdown(table: VariantTable, report: List[dict], results: Dict[str, Measurement],
+                      concurrency: int) -> List[str]:
+    base = table.base
+    lines = [f"Variants of {base.name} (model_store/{base.name}[_<variant>].mar; in-process batch "
+             f"{base.serving['batchSize']}, served with the catalog's serving settings):", "",
+             f"| variant | in-process img/s | served img/s (concurrency {concurrency}) | p50 ms | "
+             f"p99 ms | served/in-process | speed vs fp32 served | {FIDELITY_HEADERS[table.metric]} |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for row, figures in zip(table.rows, report):
+        in_process, served = results.get(row.in_process_key), results.get(row.served_key)
+        lines.append(
+            f"| {row.entry.variant} ({figures['runtime']}) | {_throughput(in_process)} | "
+            f"{_throughput(served)} | {_fmt(served.percentile(50) if served else None)} | "
+            f"{_fmt(served.percentile(99) if served else None)} | "
+            f"{_fmt(figures['served_over_in_process'], 2)} | {_fmt(figures['speed_vs_fp32_served'], 2)} | "
+            f"{fidelity_cell(table.metric, figures['fidelity'])} |")
+    lines.append("")
+    keys = [k for row in table.rows for k in (row.in_process_key, row.served_key) if k]
+    failed = [f"- {k}: FAILED {results[k].failure}" for k in keys if k in results and results[k].failure]
+    errors = [f"- {k}: {_errors(results[k])} errors, first: {results[k].first_error}"
+              for k in keys if k in results and results[k].errors]
+    lines += failed + errors + ([""] if failed or errors else [])
+    lines += contention_notes(results, keys)
+    lines.append("p50/p99 are the served latencies per request, measured by the client; fidelity "
+                 "figures are the build's (handler.meta.fidelity in each archive).")
+    shared = sorted(set(keys) & set(ALL_VARIANTS))
+    if shared:
+        lines.append(f"The fp32 row is {' and '.join(f'({k})' for k in shared)} of the first table, "
+                     "measured once.")
+    return lines + [""]
+
+
+def markdown(results: Dict[str, Measurement], ratio_rows: List[dict],
+             tables: Sequence[VariantTable], reports: Dict[str, List[dict]], header: dict) -> str:
+    lines = header_markdown(header) + foundation_markdown(results, ratio_rows)
+    for table in tables:
+        lines += variants_markdown(table, reports[table.base.name], results, header["concurrency"])
+    return "\n".join(lines)
+
+
+def contention_notes(results: Dict[str, Measurement], keys: Sequence[str]) -> List[str]:
+    measured = {k: results[k].foreign_cpu_cores for k in keys
+                if k in results and results[k].foreign_cpu_cores is not None}
     if not measured:
         return []
-    listed = ", ".join(f"({k}) {v:.2f}" for k, v in sorted(measured.items()))
+    listed = ", ".join(f"({k}) {v:.2f}" for k, v in measured.items())
     lines = [f"CPU cores used by other programs while measuring: {listed}."]
-    noisy = sorted(k for k, v in measured.items() if v > FOREIGN_CPU_WARNING)
+    noisy = [k for k, v in measured.items() if v > FOREIGN_CPU_WARNING]
     if noisy:
         lines.append(f"WARNING: other programs competed for the CPU during "
                      f"{', '.join(f'({k})' for k in noisy)}; rerun on a quiet machine before "
@@ -528,76 +788,148 @@ def contention_notes(results: Dict[str, Measurement]) -> List[str]:
     return lines + [""]
 
 
-def _fmt(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def _fmt(value: Optional[float], digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
-def write_results(results: Dict[str, Measurement], ratio_rows: List[dict], header: dict,
-                  table: str) -> None:
+def _throughput(result: Optional[Measurement]) -> str:
+    if result is None:
+        return "-"
+    return "failed" if result.failure else f"{result.throughput:.1f}"
+
+
+def _errors(result: Measurement) -> str:
+    if result.failure:
+        return f"failed: {result.failure}"
+    errors = sum(result.errors.values())
+    detail = f" ({', '.join(f'{k}: {v}' for k, v in result.errors.items())})" if errors else ""
+    return f"{errors}{detail}"
+
+
+def machine_description() -> str:
+    """CPU model and the vector extensions that decide how fast bf16 and int8 can be here."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() == "model name":
+                    model = value.strip()
+                elif name.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    found = [f for f in wanted if f in flags]
+    return f"{model}, {runtime.available_cores()} usable cores, {' '.join(found) or 'no AVX2'}"
+
+
+def _version(package: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(package)
+    except Exception:  # noqa: BLE001 - only for the report
+        return "not installed"
+
+
+def write_results(results: Dict[str, Measurement], ratio_rows: List[dict],
+                  reports: Dict[str, List[dict]], header: dict, table: str) -> None:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     with open(os.path.join(RESULTS_DIR, "latest.json"), "w", encoding="utf-8") as f:
+        # "variants" keeps its meaning from before the archive variants: the foundation's (a)-(d).
         json.dump({**header, "variants": {k: results[k].summary() for k in ALL_VARIANTS if k in results},
-                   "ratios": ratio_rows}, f, indent=2)
+                   "ratios": ratio_rows, "archive_variants": reports}, f, indent=2)
     with open(os.path.join(RESULTS_DIR, "latest.md"), "w", encoding="utf-8") as f:
         f.write(table)
 
 
 # -- main ----------------------------------------------------------------------------------------
-def parse_args(argv=None):
+def parse_args(argv, variant_names: Sequence[str]):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per variant")
+    # 15 s and 10 s keep the whole default run (4 foundation rows, 2 x 5 variant rows) near
+    # 10 minutes on a 2-core machine; the rates are stable well within that.
+    parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per served row")
+    parser.add_argument("--in-process-seconds", type=float, default=10.0,
+                        help="measured seconds per in-process row (steadier: no queueing or HTTP)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each")
-    parser.add_argument("--concurrency", type=int, default=16, help="client threads (served variants)")
+    parser.add_argument("--concurrency", type=int, default=16, help="client threads (served rows)")
     parser.add_argument("--only", default=",".join(ALL_VARIANTS),
-                        help="comma-separated subset of a,b,c,d")
+                        help="comma-separated subset of a,b,c,d (the foundation table)")
+    parser.add_argument("--variants", default=",".join(variant_names),
+                        help=f"comma-separated archive variants for the variants tables "
+                             f"(default all: {','.join(variant_names)})")
+    parser.add_argument("--skip-variants", action="store_true",
+                        help="only the foundation table (a)-(d)")
     args = parser.parse_args(argv)
-    args.only = [k.strip() for k in args.only.split(",") if k.strip()]
-    unknown = sorted(set(args.only) - set(ALL_VARIANTS))
-    if unknown or not args.only:
-        parser.error(f"--only takes a comma-separated subset of {','.join(ALL_VARIANTS)}")
-    if args.seconds <= 0 or args.warmup < 0 or args.concurrency < 1:
-        parser.error("--seconds must be > 0, --warmup >= 0 and --concurrency >= 1")
+    args.only = _comma_list(parser, "--only", args.only, ALL_VARIANTS)
+    args.variants = _comma_list(parser, "--variants", args.variants, variant_names)
+    if args.seconds <= 0 or args.in_process_seconds <= 0 or args.warmup < 0 or args.concurrency < 1:
+        parser.error("--seconds and --in-process-seconds must be > 0, --warmup >= 0 and "
+                     "--concurrency >= 1")
     return args
 
 
+def _comma_list(parser, option: str, value: str, allowed: Sequence[str]) -> List[str]:
+    items = [k.strip() for k in value.split(",") if k.strip()]
+    if not items or set(items) - set(allowed):
+        parser.error(f"{option} takes a comma-separated subset of {','.join(allowed)}")
+    return items
+
+
+def variant_names(catalog: Catalog) -> List[str]:
+    """fp32 and the catalog's variants of the tabled models, in catalog order."""
+    names = [e.variant for e in catalog.models if e.base in VARIANT_TABLES]
+    return list(dict.fromkeys(names))
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    catalog = load_catalog()
+    args = parse_args(argv, variant_names(catalog))
     started = time.perf_counter()
-    entry = load_catalog().model(MODEL)
-    if not os.path.isfile(os.path.join(MODEL_STORE, entry.mar_name)):
-        log(f"model_store/{entry.mar_name} is missing: run `make build` first")
+    entry = catalog.model(MODEL)
+    tables = [] if args.skip_variants else plan_variant_tables(catalog, args.variants, args.only)
+    needed = [entry.mar_name, *(row.entry.mar_name for t in tables for row in t.rows)]
+    missing = [name for name in needed if not os.path.isfile(os.path.join(MODEL_STORE, name))]
+    if missing:
+        log(f"model_store/ lacks {', '.join(missing)}: run `make build` first")
         return 1
-    photos = load_photos()
+    inputs = {name: INPUTS[name]() for name in dict.fromkeys([MODEL, *(t.base.name for t in tables)])}
+    in_process = in_process_plan(entry, args.only, tables)
+    served = served_plan(entry, args.only, tables, inputs)
+    log(f"{len(in_process)} in-process row(s), then {len(served)} served row(s) on one TorchServe")
     header = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "seconds": args.seconds, "warmup": args.warmup, "concurrency": args.concurrency,
-              "cpu_count": os.cpu_count(), "torch": torch.__version__,
-              "python": platform.python_version(), "photos": list(photos)}
+              "seconds": args.seconds, "in_process_seconds": args.in_process_seconds,
+              "warmup": args.warmup, "concurrency": args.concurrency,
+              "cpu_count": os.cpu_count(), "machine": machine_description(),
+              "torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
+              "python": platform.python_version(), "photos": list(inputs[MODEL])}
     results: Dict[str, Measurement] = {}
     workdir = tempfile.mkdtemp(prefix="ts-bench-")
-    keep_workdir = True
+    completed = False
     try:
-        if "a" in args.only:
-            results["a"] = measure_in_process(entry, photos, args.warmup, args.seconds, workdir)
-            log(f"(a) {results['a'].throughput:.1f} img/s (other programs used "
-                f"{results['a'].foreign_cpu_cores:.2f} cores meanwhile)")
-        served = [k for k in args.only if k != "a"]
+        for key, row_entry in in_process:
+            results[key] = attempt(key, lambda: measure_in_process(
+                key, row_entry, inputs[row_entry.base], args.warmup, args.in_process_seconds, workdir))
         if served:
-            for result in run_served(entry, served, photos, args, workdir):
-                results[result.variant] = result
-        keep_workdir = False
+            results.update((r.variant, r) for r in run_served(entry, catalog, served, args, workdir))
+        completed = True
     finally:
-        if keep_workdir:
+        failed = sorted(k for k, r in results.items() if r.failure)
+        if not completed or failed:
             log(f"kept {workdir} (server logs, archives) for a look")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     header["duration_s"] = round(time.perf_counter() - started, 1)
     ratio_rows = ratios(results)
-    table = markdown(results, ratio_rows, header)
-    write_results(results, ratio_rows, header, table)
-    print("\n" + table, flush=True)
+    reports = {t.base.name: variant_report(t, results) for t in tables}
+    text = markdown(results, ratio_rows, tables, reports, header)
+    write_results(results, ratio_rows, reports, header, text)
+    print("\n" + text, flush=True)
     log(f"done in {header['duration_s']:.0f} s; results in "
         f"{os.path.relpath(RESULTS_DIR, ROOT)}/latest.json and latest.md")
-    return 0
+    if failed:
+        log(f"FAILED rows: {', '.join(failed)}")
+    return 1 if failed else 0
+
 
 
 if __name__ == "__main__":

@@ -221,7 +221,7 @@ def stage(entry: ModelEntry, force_weights: bool) -> tuple:
     for model_file in entry.model_files:
         shutil.copy(os.path.join(ROOT, model_file), extra)
     artifact, overrides = WEIGHTS_FILE, {}
-    if entry.variant != "fp32":
+    if entry.transform or entry.variant != "fp32":
         artifact, overrides, figures = produce_variant(entry, stage_dir)
         meta["fidelity"] = figures
         with open(os.path.join(extra, "fidelity.json"), "w") as f:

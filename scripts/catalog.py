@@ -14,7 +14,7 @@ CONFIG_PROPERTIES_PATH = os.path.join(ROOT, "config.properties")
 MODEL_STORE = os.path.join(ROOT, "model_store")
 SERVING_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
 MODEL_KEYS = ("name", "version", "description", "handler", "model_files", "weights", "labels",
-              "serving", "handler_config", "fidelity", "variants", "load_at_start")
+              "serving", "handler_config", "fidelity", "transform", "variants", "load_at_start")
 VARIANT_KEYS = ("variant", "transform", "runtime", "serving", "load_at_start")
 TRANSFORMS = ("torchscript", "int8_x86", "onnx")
 FIDELITY_METRICS = ("accuracy", "agreement")
@@ -106,12 +106,20 @@ def _entry(raw: dict, index: int) -> ModelEntry:
     fidelity = dict(raw.get("fidelity") or {"metric": "agreement"})
     if fidelity.get("metric") not in FIDELITY_METRICS:
         raise CatalogError(f"{where}.fidelity.metric must be one of {', '.join(FIDELITY_METRICS)}")
+    transform = _transform(raw.get("transform"), where)
     return ModelEntry(name=str(raw["name"]), version=str(raw["version"]),
                       description=str(raw.get("description", "")), handler=str(raw["handler"]),
                       model_files=tuple(raw.get("model_files", ())), weights=dict(raw["weights"]),
                       labels=dict(raw["labels"]), serving=dict(serving),
                       handler_config=dict(raw["handler_config"]), fidelity=fidelity,
-                      base=str(raw["name"]), load_at_start=bool(raw.get("load_at_start", True)))
+                      base=str(raw["name"]), transform=transform,
+                      load_at_start=bool(raw.get("load_at_start", True)))
+
+
+def _transform(transform, where: str) -> Optional[dict]:
+    if transform is not None and (not isinstance(transform, dict) or transform.get("kind") not in TRANSFORMS):
+        raise CatalogError(f"{where}.transform.kind must be one of {', '.join(TRANSFORMS)}")
+    return transform
 
 
 def _variant(base: ModelEntry, raw: dict, where: str) -> ModelEntry:
@@ -121,9 +129,7 @@ def _variant(base: ModelEntry, raw: dict, where: str) -> ModelEntry:
     unknown = sorted(set(raw) - set(VARIANT_KEYS))
     if unknown:
         raise CatalogError(f"{where}: unknown key '{unknown[0]}'; allowed: {', '.join(VARIANT_KEYS)}")
-    transform = raw.get("transform")
-    if transform is not None and transform.get("kind") not in TRANSFORMS:
-        raise CatalogError(f"{where}.transform.kind must be one of {', '.join(TRANSFORMS)}")
+    transform = _transform(raw.get("transform"), where)  # not inherited: none means eager
     handler_config = json.loads(json.dumps(base.handler_config))
     handler_config.setdefault("runtime", {}).update(raw.get("runtime") or {})
     serving = {**base.serving, **(raw.get("serving") or {})}

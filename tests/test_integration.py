@@ -11,6 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
+from scripts.catalog import load_catalog
 from scripts.ts_server import TorchServe, check_java
 
 pytestmark = pytest.mark.integration
@@ -152,27 +153,26 @@ def test_describe_reports_ready_workers_and_the_archive_meta(server):
     assert meta["heldout_accuracy"] >= 0.97
 
 
-@pytest.mark.parametrize("variant", ["amp", "int8", "compiled", "onnx"])
-def test_every_variant_serves_through_torchserve(server, catalog, samples, variant):
+@pytest.mark.parametrize("name", [m.name for m in load_catalog().models if not m.load_at_start])
+def test_every_variant_serves_through_torchserve(server, catalog, samples, name):
     """Registered through the management API with its catalog settings, answered, unregistered."""
     _, _, images, labels = samples.digits_split()
-    for base in ("digits", "resnet18"):
-        entry = catalog.model(f"{base}_{variant}")
-        s = entry.serving
-        server.client.register(entry.mar_name, model_name=entry.name, batch_size=s["batchSize"],
-                               max_batch_delay=s["maxBatchDelay"], initial_workers=1,
-                               response_timeout=s["responseTimeout"], synchronous="true")
-        try:
-            if base == "digits":
-                answers = [post(server, entry.name, samples.png_bytes(p)) for p in images[:20]]
-                assert all(a.status_code == 200 for a in answers)
-                correct = sum(a.json()[0]["label"] == str(l) for a, l in zip(answers, labels[:20]))
-                assert correct >= 19
-            else:
-                for photo in samples.photo_bytes():
-                    answer = post(server, entry.name, photo, {"Content-Type": "image/jpeg"})
-                    assert answer.status_code == 200 and len(answer.json()) == 5
-            meta = server.client.describe(entry.name, customized=True)[0]["customizedMetadata"]["meta"]
-            assert meta["variant"] == variant and "fidelity" in meta
-        finally:
-            server.client.unregister(entry.name)
+    entry = catalog.model(name)
+    s = entry.serving
+    server.client.register(entry.mar_name, model_name=entry.name, batch_size=s["batchSize"],
+                           max_batch_delay=s["maxBatchDelay"], initial_workers=1,
+                           response_timeout=s["responseTimeout"], synchronous="true")
+    try:
+        if entry.base == "digits":
+            answers = [post(server, entry.name, samples.png_bytes(p)) for p in images[:20]]
+            assert all(a.status_code == 200 for a in answers)
+            correct = sum(a.json()[0]["label"] == str(l) for a, l in zip(answers, labels[:20]))
+            assert correct >= 19
+        else:
+            for photo in samples.photo_bytes():
+                answer = post(server, entry.name, photo, {"Content-Type": "image/jpeg"})
+                assert answer.status_code == 200 and len(answer.json()) == 5
+        meta = server.client.describe(entry.name, customized=True)[0]["customizedMetadata"]["meta"]
+        assert meta["variant"] == entry.variant
+    finally:
+        server.client.unregister(entry.name)

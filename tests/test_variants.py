@@ -12,10 +12,12 @@ import yaml
 from handler_kit import runtime
 from handler_kit.config import parse_image_classifier
 from handler_kit.errors import ConfigError
-from scripts.catalog import CATALOG_PATH, ROOT
+from scripts.catalog import CATALOG_PATH, ROOT, load_catalog
 from tests.ts_harness import infer, load_service
 
-VARIANTS = ("amp", "int8", "compiled", "onnx")
+CATALOG = load_catalog()
+DIGITS_VARIANTS = [m.variant for m in CATALOG.models if m.base == "digits" and m.variant != "fp32"]
+RESNET_VARIANTS = [m.variant for m in CATALOG.models if m.base == "resnet18" and m.variant != "fp32"]
 
 
 def digits_requests(samples, count=16):
@@ -30,7 +32,7 @@ def digits_fp32_top1(extracted_archives, samples):
     return [out[0]["index"] for _, out in infer(service, requests)]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", DIGITS_VARIANTS)
 def test_digits_variant_serves_and_agrees_with_fp32(variant, extracted_archives, samples, digits_fp32_top1):
     service = load_service(extracted_archives[f"digits_{variant}"], batch_size=8)
     requests, labels = digits_requests(samples)
@@ -42,7 +44,7 @@ def test_digits_variant_serves_and_agrees_with_fp32(variant, extracted_archives,
     assert described["meta"]["fidelity"]["accuracy_drop_points"] <= 0.5
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", RESNET_VARIANTS)
 def test_resnet18_variant_serves_photos(variant, extracted_archives, samples):
     service = load_service(extracted_archives[f"resnet18_{variant}"], batch_size=8)
     results = infer(service, [("body", "image/jpeg", photo) for photo in samples.photo_bytes()])
