@@ -247,7 +247,8 @@ def archive(entry: ModelEntry, stage_dir: str, artifact: str, export_path: str) 
     return mar
 
 
-def update_sums(export_path: str, built: dict) -> None:
+def update_sums(export_path: str, built: dict, declared: set) -> None:
+    """SHA256SUMS of the archives the catalog declares (a --only build keeps the others' sums)."""
     sums_path = os.path.join(export_path, SUMS_FILE)
     sums = {}
     if os.path.isfile(sums_path):
@@ -257,6 +258,7 @@ def update_sums(export_path: str, built: dict) -> None:
                 if name:
                     sums[name] = digest
     sums.update(built)
+    sums = {name: digest for name, digest in sums.items() if name in declared}
     with open(sums_path, "w") as f:
         f.writelines(f"{sums[name]}  {name}\n" for name in sorted(sums))
 
@@ -301,7 +303,7 @@ def main(argv=None) -> int:
         built[os.path.basename(mar)] = sha256_file(mar)
         log(f"{entry.name}: {os.path.relpath(mar, ROOT)} ({os.path.getsize(mar) / 1e6:.1f} MB, "
             f"sha256 {built[os.path.basename(mar)][:16]}) in {time.perf_counter() - started:.1f} s")
-    update_sums(args.export_path, built)
+    update_sums(args.export_path, built, {m.mar_name for m in catalog.models})
     log(f"sample inputs in {os.path.relpath(write_samples(), ROOT)}")
     if refused:
         log(f"refused by the fidelity gate: {', '.join(refused)}")

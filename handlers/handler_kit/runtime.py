@@ -80,6 +80,7 @@ class EagerRunner:
     """An nn.Module from a state_dict, optionally autocast and/or torch.compile'd."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: str, compile_model: bool):
+        warn_if_slow_autocast(device, dtype)
         self.model = torch.compile(model) if compile_model else model
         self.device, self.dtype = device, dtype
 
@@ -151,6 +152,16 @@ def load_runner(model_spec, runtime_spec, model_dir: str, device: torch.device, 
     model = build_model(model_spec.module, model_spec.factory, model_spec.kwargs, path, device,
                         runtime_spec.channels_last)
     return EagerRunner(model, device, runtime_spec.dtype, runtime_spec.compile)
+
+
+def warn_if_slow_autocast(device: torch.device, dtype: str) -> None:
+    """bfloat16 autocast on a CPU without native bf16 (AVX512-BF16/AMX) is emulated: measured
+    several times slower than float32 on an AVX2-only CPU. Say so in the model log."""
+    if device.type == "cpu" and dtype == "bfloat16":
+        capability = torch.backends.cpu.get_cpu_capability()
+        if "AVX512" not in capability:
+            logger.warning("bfloat16 autocast on a CPU with %s only: expect it to be slower than "
+                           "float32 here; prefer the int8 or fp32 variants on this machine", capability)
 
 
 def autocast(device: torch.device, dtype: str):
