@@ -77,12 +77,7 @@ class ImageClassifierHandler(BaseHandler):
     def postprocess(self, data):
         batch, logits = data
         results = [] if logits is None else topk_predictions(logits, self.labels, self.config.topk)
-        return batching.merge(batch, results, self._set_status)
-
-    def _set_status(self, idx, code, message):
-        context = getattr(self, "context", None)
-        if context is not None:
-            context.set_response_status(code, message, idx)
+        return batching.merge(batch, results, getattr(self, "context", None))
 
     def describe_handle(self):
         """Answer of the management API's describe call with ``?customized=true``."""

@@ -82,12 +82,7 @@ class TextEmbedderHandler(BaseHandler):
             embeddings, truncated = outputs
             counts = [len(request_texts) for request_texts in batch.items]
             results = text.format_embeddings(embeddings, truncated, counts, self.model_name, self.version)
-        return batching.merge(batch, results, self._set_status)
-
-    def _set_status(self, idx, code, message):
-        context = getattr(self, "context", None)
-        if context is not None:
-            context.set_response_status(code, message, idx)
+        return batching.merge(batch, results, getattr(self, "context", None))
 
     def describe_handle(self):
         """Answer of the management API's describe call with ``?customized=true``."""

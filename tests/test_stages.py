@@ -124,10 +124,17 @@ def test_bad_request_does_not_fail_the_batch():
         if x < 0:
             raise BadInput(f"negative: {x}")
         return x * 10
+    class Context:  # records what TorchServe's Context.set_response_status receives
+        def __init__(self):
+            self.statuses = {}
+
+        def set_response_status(self, code, phrase, idx):
+            self.statuses[idx] = (code, phrase)
+
     batch = batching.prepare([1, -2, 3], stage)
-    statuses = {}
-    responses = batching.merge(batch, [r + 1 for r in batch.items],
-                               lambda idx, code, msg: statuses.__setitem__(idx, (code, msg)))
+    context = Context()
+    responses = batching.merge(batch, [r + 1 for r in batch.items], context)
+    statuses = context.statuses
     assert responses[0] == 11 and responses[2] == 31
     assert responses[1]["code"] == 400 and statuses == {1: (400, "negative: -2")}
 

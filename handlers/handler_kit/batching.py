@@ -28,12 +28,14 @@ def prepare(requests: Sequence[Any], stage: Callable[[Any], Any]) -> Batch:
     return batch
 
 
-def merge(batch: Batch, results: Sequence[Any], set_status: Callable[[int, int, str], None]) -> list:
-    """One response per request, in request order; errors get their status and a JSON body."""
+def merge(batch: Batch, results: Sequence[Any], context=None) -> list:
+    """One response per request, in request order. A failed request gets its status and a JSON
+    body through TorchServe's per-request ``context.set_response_status``."""
     responses: list = [None] * batch.size
     for idx, result in zip(batch.good_indices, results):
         responses[idx] = result
     for idx, error in batch.errors.items():
-        set_status(idx, error.status, error.message)
+        if context is not None:  # None during a handler's warm-up, before any request
+            context.set_response_status(error.status, error.message, idx)
         responses[idx] = error.to_body()
     return responses
