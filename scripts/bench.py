@@ -55,11 +55,12 @@ import psutil  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from handler_kit import outputs, runtime, vision, wire  # noqa: E402
+from handler_kit import runtime  # noqa: E402
 from handler_kit.config import parse_image_classifier  # noqa: E402
 
 from models import sample_data  # noqa: E402
 from scripts.catalog import MODEL_STORE, Catalog, ModelEntry, load_catalog  # noqa: E402
+from scripts.in_process import load_service  # noqa: E402
 from scripts.ts_server import TorchServe  # noqa: E402
 
 MODEL = "resnet18"
@@ -239,38 +240,26 @@ def importable(folder: str):
 
 # -- in-process rows -----------------------------------------------------------------------------
 class InProcessPipeline:
-    """The served handler's stages and runtime, configured from the archive's own model-config.yaml
-    so that it runs what the worker runs; only TorchServe (HTTP, frontend batching, IPC) is left out."""
+    """The archive's own handler, loaded by TorchServe's model loader and called stage by stage
+    (preprocess, inference, postprocess) on raw bodies: what the worker runs, without HTTP, the
+    frontend's batching or the worker's socket."""
 
     def __init__(self, archive_dir: str, model_config: dict):
-        self.config = parse_image_classifier(model_config.get("handler"))
-        cfg = self.config
-        # A worker gets a GPU from TorchServe whenever one exists; mirror that choice.
-        self.device = runtime.select_device(cfg.runtime.device, 0 if torch.cuda.is_available() else None)
-        self.threads = torch.get_num_threads()
-        if self.device.type == "cpu":
-            self.threads = runtime.thread_budget(cfg.runtime.threads, model_config.get("maxWorkers", 1),
-                                                 runtime.available_cores())
-            runtime.apply_thread_budget(self.threads)
-        # As the handler decides it: ONNX Runtime takes plain NCHW arrays.
-        self.channels_last = cfg.runtime.channels_last and cfg.model.format != "onnx"
         with importable(archive_dir):
-            self.run_model = runtime.load_runner(cfg.model, cfg.runtime, archive_dir, self.device,
-                                                 self.threads)
-        self.labels = outputs.load_labels(os.path.join(archive_dir, cfg.labels),
-                                          cfg.model.kwargs.get("num_classes"))
+            # A worker gets a GPU from TorchServe whenever one exists; mirror that.
+            service = load_service(archive_dir, batch_size=model_config.get("batchSize", 1),
+                                   gpu_id=0 if torch.cuda.is_available() else None)
+        self.handler = service._entry_point.__self__
+        self.config, self.device = self.handler.config, self.handler.device
+        self.threads = torch.get_num_threads()  # the handler applied its thread budget
+        self.channels_last = self.handler.channels_last
 
     def __call__(self, bodies: Sequence[bytes]) -> list:
-        image_cfg = self.config.image
-        images = [vision.resize_and_crop(vision.decode(wire.binary_payload({"body": body}),
-                                                       image_cfg.color, image_cfg.max_pixels),
-                                         image_cfg.resize, image_cfg.crop)
-                  for body in bodies]
-        inputs = vision.to_batch(images, image_cfg.mean, image_cfg.std, self.channels_last)
-        logits = self.run_model(inputs)  # the runner applies inference mode and autocast itself
+        handler = self.handler
+        answers = handler.postprocess(handler.inference(handler.preprocess([{"body": b} for b in bodies])))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return outputs.topk_predictions(logits, self.labels, self.config.topk)
+        return answers
 
 
 def measure_in_process(key: str, entry: ModelEntry, bodies: Dict[str, bytes], warmup_s: float,
@@ -328,10 +317,8 @@ class ServedVariant:
 
 
 def catalog_registration(entry: ModelEntry) -> dict:
-    """Management API parameters that give a model the catalog's serving settings."""
-    serving = entry.serving
-    return {"batch_size": serving["batchSize"], "max_batch_delay": serving["maxBatchDelay"],
-            "initial_workers": serving["minWorkers"], "response_timeout": serving["responseTimeout"]}
+    """Management API parameters beyond url and model_name: the catalog's serving settings."""
+    return {k: v for k, v in entry.registration().items() if k != "model_name"}
 
 
 def foundation_served(entry: ModelEntry, keys: Sequence[str], photos: Dict[str, bytes]) -> List[ServedVariant]:

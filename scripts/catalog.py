@@ -42,6 +42,13 @@ class ModelEntry:
     transform: Optional[dict] = None
     load_at_start: bool = True     # in config.properties' load_models, served by `make serve`
 
+    def registration(self) -> dict:
+        """Management API parameters that register this archive with its catalog settings."""
+        s = self.serving
+        return {"model_name": self.name, "batch_size": s["batchSize"],
+                "max_batch_delay": s["maxBatchDelay"], "initial_workers": s["minWorkers"],
+                "response_timeout": s["responseTimeout"]}
+
     @property
     def mar_name(self) -> str:
         return f"{self.name}.mar"

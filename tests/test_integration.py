@@ -3,7 +3,6 @@ config.properties is; the archives are registered through the management API."""
 import base64
 import io
 import json
-import os
 import threading
 
 import numpy as np
@@ -27,10 +26,7 @@ def server(catalog, model_store, tmp_path_factory):
     ts.start()
     try:
         for entry in catalog.loaded_at_start:  # as `make serve` serves them
-            s = entry.serving
-            ts.client.register(entry.mar_name, model_name=entry.name, batch_size=s["batchSize"],
-                               max_batch_delay=s["maxBatchDelay"], initial_workers=s["minWorkers"],
-                               response_timeout=s["responseTimeout"], synchronous="true")
+            ts.client.register(entry.mar_name, synchronous="true", **entry.registration())
         # A copy of digits with a long batch delay, so that concurrent requests share one batch.
         ts.client.register("digits.mar", model_name="digits_batched", batch_size=8,
                            max_batch_delay=2000, initial_workers=1, synchronous="true")
@@ -158,10 +154,7 @@ def test_every_variant_serves_through_torchserve(server, catalog, samples, name)
     """Registered through the management API with its catalog settings, answered, unregistered."""
     _, _, images, labels = samples.digits_split()
     entry = catalog.model(name)
-    s = entry.serving
-    server.client.register(entry.mar_name, model_name=entry.name, batch_size=s["batchSize"],
-                           max_batch_delay=s["maxBatchDelay"], initial_workers=1,
-                           response_timeout=s["responseTimeout"], synchronous="true")
+    server.client.register(entry.mar_name, synchronous="true", **entry.registration())
     try:
         if entry.base == "digits":
             answers = [post(server, entry.name, samples.png_bytes(p)) for p in images[:20]]

@@ -5,17 +5,13 @@ reader (ts.protocol.otf_message_handler), so that JSON/text/bytes arrive exactly
 the model is loaded by TorchServe's model loader, as model_service_worker does.
 """
 import io
-import json
-import os
 import struct
-import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
-import ts
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-from ts.model_loader import ModelLoaderFactory
 from ts.protocol.otf_message_handler import _retrieve_inference_msg
 from ts.service import Service
+
+from scripts.in_process import load_service  # noqa: F401  (the tests load archives through it)
 
 
 class _Socket:
@@ -39,19 +35,6 @@ def encode_batch(requests: Sequence[Tuple[str, str, bytes]]) -> bytes:
         out += _frame_bytes(name.encode()) + _frame_bytes(content_type.encode()) + _frame_bytes(value)
         out += struct.pack("!i", -1)  # end of parameters
     return out + struct.pack("!i", -1)  # end of batch
-
-
-def load_service(model_dir: str, batch_size: int = 8, gpu_id: Optional[int] = None) -> Service:
-    with open(os.path.join(model_dir, "MAR-INF", "MANIFEST.json")) as f:
-        manifest = json.load(f)
-    if model_dir not in sys.path:
-        sys.path.append(model_dir)  # the worker runs with the model folder importable
-    metrics = MetricsCacheYamlImpl(os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml"))
-    metrics.initialize_cache()
-    metrics.model_name = manifest["model"]["modelName"]
-    loader = ModelLoaderFactory.get_model_loader()
-    return loader.load(manifest["model"]["modelName"], model_dir, manifest["model"]["handler"],
-                       gpu_id, batch_size, None, True, metrics)
 
 
 def infer(service: Service, requests: Sequence[Tuple[str, str, bytes]]) -> List[Tuple[int, object]]:
