@@ -28,6 +28,7 @@ java:
 
 build: venv
 	$(PY) -m scripts.build_archives
+	$(PY) -m scripts.grpc_stubs
 
 config: venv
 	$(PY) -m scripts.render_config
@@ -45,4 +46,4 @@ bench: venv java build
 	$(PY) -m scripts.bench
 
 clean: stop
-	rm -rf build model_store/*.mar model_store/SHA256SUMS .serve logs key_file.json
+	rm -rf build model_store/*.mar model_store/SHA256SUMS .serve logs key_file.json .default_versions_history.json

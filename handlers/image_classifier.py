@@ -16,6 +16,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler_kit import batching, runtime, vision, wire
 from handler_kit.config import parse_image_classifier
+from handler_kit.metrics import HandlerMetrics, NoMetrics
 from handler_kit.outputs import load_labels, topk_predictions
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,9 @@ class ImageClassifierHandler(BaseHandler):
         self.labels = load_labels(os.path.join(model_dir, cfg.labels),
                                   cfg.model.kwargs.get("num_classes"))
         self.max_batch = int(properties.get("batch_size") or 1)
+        self.metrics = NoMetrics()
         self._warm_up()
+        self.metrics = HandlerMetrics(context.metrics, context.model_name, self.config.meta.get("version", ""))
         self.initialized = True
         logger.info("model ready: %s %s on %s (threads=%d, dtype=%s, batch<=%d)", cfg.model.format,
                     cfg.model.quantization, self.device, torch.get_num_threads(), cfg.runtime.dtype,
@@ -65,19 +68,24 @@ class ImageClassifierHandler(BaseHandler):
         return vision.resize_and_crop(image, image_cfg.resize, image_cfg.crop)
 
     def preprocess(self, data):
-        return batching.prepare(data, self._prepare_one)
+        with self.metrics.timed("Preprocess"):
+            batch = batching.prepare(data, self._prepare_one)
+        self.metrics.batch(batch.size, batch.errors)
+        return batch
 
     def inference(self, batch, *args, **kwargs):
         if not batch.items:
             return batch, None
         image_cfg = self.config.image
-        inputs = vision.to_batch(batch.items, image_cfg.mean, image_cfg.std, self.channels_last)
-        return batch, self.run_model(inputs)
+        with self.metrics.timed("Inference"):
+            inputs = vision.to_batch(batch.items, image_cfg.mean, image_cfg.std, self.channels_last)
+            return batch, self.run_model(inputs)
 
     def postprocess(self, data):
         batch, logits = data
-        results = [] if logits is None else topk_predictions(logits, self.labels, self.config.topk)
-        return batching.merge(batch, results, getattr(self, "context", None))
+        with self.metrics.timed("Postprocess"):
+            results = [] if logits is None else topk_predictions(logits, self.labels, self.config.topk)
+            return batching.merge(batch, results, getattr(self, "context", None))
 
     def describe_handle(self):
         """Answer of the management API's describe call with ``?customized=true``."""

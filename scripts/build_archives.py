@@ -1,11 +1,12 @@
 """Builds model_store/<name>.mar for the models declared in models/catalog.yaml.
 
-For each model: produce (or reuse) its weights and labels, stage the handler, its handler_kit
+For each model (each version and variant): produce (or reuse) its weights (a state_dict or
+checkpoint, or for the text family a model folder) and labels, stage the handler, its handler_kit
 package and the model-config.yaml derived from the catalog, run torch-model-archiver, then rewrite
 the archive deterministically (sorted entries, fixed timestamps) so that a rebuild from the same
 inputs gives a byte-identical .mar. SHA-256 sums of the archives go to model_store/SHA256SUMS.
 
-    python -m scripts.build_archives [--only NAME ...] [--force-weights]
+    python -m scripts.build_archives [--only ARCHIVE ...] [--force-weights]
 """
 import argparse
 import hashlib
@@ -29,8 +30,16 @@ WEIGHTS_FILE = "weights.pt"
 ARTIFACTS = {"torchscript": ("model.pt", {"format": "torchscript"}),
              "int8_x86": ("model.pt", {"format": "torchscript", "quantization": "int8_x86"}),
              "onnx": ("model.onnx", {"format": "onnx"})}
-VARIANT_SOURCES = ("models/variants.py", "scripts/fidelity.py", "handlers/handler_kit/runtime.py",
-                   "handlers/handler_kit/vision.py", "handlers/handler_kit/config.py")
+# What each family's weights and variant figures are made from: a change rebuilds them.
+WEIGHTS_SOURCES = {"image": ("models/weights.py", "models/sample_data.py", "handlers/handler_kit/vision.py"),
+                   "tabular": ("models/weights.py", "models/tabular.py"),
+                   "text": ("models/weights.py",)}
+VARIANT_SOURCES = {"image": ("models/variants.py", "handlers/handler_kit/runtime.py",
+                             "handlers/handler_kit/vision.py", "handlers/handler_kit/config.py"),
+                   "tabular": ("models/tabular.py", "handlers/handler_kit/tabular.py",
+                               "handlers/handler_kit/tabular_config.py"),
+                   "text": ("models/sentences.py", "handlers/handler_kit/text.py",
+                            "handlers/handler_kit/text_config.py")}
 LABELS_FILE = "labels.json"
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 FIXED_CREATED_ON = "01/01/1980 00:00:00"
@@ -53,8 +62,7 @@ def _builder_inputs_key(entry: ModelEntry, source: dict) -> str:
     """Weights are rebuilt only when what makes them changes."""
     digest = hashlib.sha256(json.dumps([source, entry.handler_config.get("model"),
                                         entry.handler_config.get("image")], sort_keys=True).encode())
-    for path in ("models/weights.py", "models/sample_data.py", "handlers/handler_kit/vision.py",
-                 *entry.model_files):
+    for path in (*WEIGHTS_SOURCES[entry.family], *entry.model_files):
         with open(os.path.join(ROOT, path), "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:16]
@@ -85,7 +93,7 @@ def produce_weights(entry: ModelEntry, out_dir: str, force: bool) -> dict:
         torch.set_num_threads(1)
         try:
             args = {k: v for k, v in source.items() if k != "builder"}
-            state, meta = builder(image=entry.handler_config["image"],
+            state, meta = builder(image=entry.handler_config.get("image"),
                                   model=entry.handler_config["model"], **args)
         finally:
             torch.set_num_threads(threads)
@@ -101,34 +109,76 @@ def produce_weights(entry: ModelEntry, out_dir: str, force: bool) -> dict:
         return json.load(f)
 
 
-def _variant_key(entry: ModelEntry, weights_path: str) -> str:
+def produce_model_folder(entry: ModelEntry, extra: str) -> dict:
+    """Text family: the builder names a model folder (config, tokenizer, safetensors weights);
+    it goes into the archive as handler.model.path."""
+    from models.weights import BUILDERS
+    source = entry.weights
+    if "file" in source:
+        folder, meta = os.path.join(ROOT, source["file"]), {"weights": f"user model folder {source['file']}"}
+    else:
+        args = {k: v for k, v in source.items() if k != "builder"}
+        folder, meta = BUILDERS[source["builder"]](**args)
+    target = os.path.join(extra, entry.handler_config["model"]["path"])
+    shutil.copytree(folder, target, ignore=shutil.ignore_patterns("__pycache__", "*.bin", "*.pkl"))
+    return meta
+
+
+def _variant_key(entry: ModelEntry, model_path: str) -> str:
     digest = hashlib.sha256(json.dumps([entry.transform, entry.fidelity, entry.handler_config],
                                        sort_keys=True).encode())
-    for path in (weights_path, *(os.path.join(ROOT, p) for p in VARIANT_SOURCES)):
+    paths = [os.path.join(ROOT, p) for p in ("scripts/fidelity.py", *VARIANT_SOURCES[entry.family])]
+    if os.path.isdir(model_path):
+        paths += [os.path.join(model_path, n) for n in sorted(os.listdir(model_path))
+                  if os.path.isfile(os.path.join(model_path, n))]
+    else:
+        paths.append(model_path)
+    for path in paths:
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:16]
 
 
-def produce_variant(entry: ModelEntry, stage_dir: str) -> tuple:
-    """Make the variant's artifact from the fp32 weights in stage_dir and pass it through the
-    fidelity gate. Returns (artifact file name, handler.model overrides, fidelity figures)."""
+def produce_variant(entry: ModelEntry, stage_dir: str, model_path: str) -> tuple:
+    """Make the variant's artifact from the fp32 model at model_path and pass it through the
+    fidelity gate (figures cached by what they depend on). Returns (artifact file name or None,
+    handler.model overrides, fidelity figures)."""
+    from scripts import fidelity
+
+    kind = (entry.transform or {}).get("kind")
+    artifact, overrides = ARTIFACTS.get(kind, (WEIGHTS_FILE, {}))
+    if entry.family == "text":
+        artifact = None
+    cache = os.path.join(BUILD_DIR, "variants", entry.name, _variant_key(entry, model_path))
+    if os.path.isfile(os.path.join(cache, "fidelity.json")):
+        log(f"{entry.name}: reusing {kind or entry.variant} artifact and its fidelity figures")
+        if artifact not in (None, WEIGHTS_FILE):
+            shutil.copyfile(os.path.join(cache, artifact), os.path.join(stage_dir, artifact))
+        with open(os.path.join(cache, "fidelity.json")) as f:
+            return artifact, overrides, json.load(f)
+
+    if entry.family == "image":
+        figures = _image_variant(entry, stage_dir, kind, artifact, overrides)
+    else:  # runtime-only variants (dtype, quantization): measured as the handler will run them
+        measure = fidelity.text_figures if entry.family == "text" else fidelity.tabular_figures
+        figures = measure(model_path, entry.handler_config, entry.fidelity)
+    log(f"{entry.name}: fidelity against fp32: {figures}")
+    fidelity.check(entry.fidelity, figures, entry.name)  # raises FidelityError: not packaged
+    os.makedirs(cache, exist_ok=True)
+    if artifact not in (None, WEIGHTS_FILE):
+        shutil.copyfile(os.path.join(stage_dir, artifact), os.path.join(cache, artifact))
+    with open(os.path.join(cache, "fidelity.json"), "w") as f:
+        json.dump(figures, f, indent=2)
+    return artifact, overrides, figures
+
+
+def _image_variant(entry: ModelEntry, stage_dir: str, kind, artifact: str, overrides: dict) -> dict:
+    """Transform the fp32 state_dict (TorchScript, int8, ONNX) and measure it against fp32."""
     import torch
     from handler_kit import runtime
     from handler_kit.config import check_model_runtime, parse_model, parse_runtime
     from models import variants
     from scripts import fidelity
-
-    kind = (entry.transform or {}).get("kind")
-    artifact, overrides = ARTIFACTS.get(kind, (WEIGHTS_FILE, {}))
-    key = _variant_key(entry, os.path.join(stage_dir, WEIGHTS_FILE))
-    cache = os.path.join(BUILD_DIR, "variants", entry.name, key)
-    if os.path.isfile(os.path.join(cache, "fidelity.json")):
-        log(f"{entry.name}: reusing {kind or entry.variant} artifact and its fidelity figures")
-        if artifact != WEIGHTS_FILE:
-            shutil.copyfile(os.path.join(cache, artifact), os.path.join(stage_dir, artifact))
-        with open(os.path.join(cache, "fidelity.json")) as f:
-            return artifact, overrides, json.load(f)
 
     config, image = entry.handler_config, entry.handler_config["image"]
     cpu = torch.device("cpu")
@@ -164,18 +214,10 @@ def produce_variant(entry: ModelEntry, stage_dir: str) -> tuple:
         runner = runtime.load_runner(model_spec, runtime_spec, stage_dir, cpu, threads=1)
         reference = runtime.EagerRunner(fp32, cpu, "float32", compile_model=False)
         channels_last = runtime_spec.channels_last and model_spec.format != "onnx"
-        figures = fidelity.measure(entry.fidelity, fidelity.run_all(reference, inputs, False),
-                                   fidelity.run_all(runner, inputs, channels_last), labels)
+        return fidelity.measure(entry.fidelity, fidelity.run_all(reference, inputs, False),
+                                fidelity.run_all(runner, inputs, channels_last), labels)
     finally:
         torch.set_num_threads(threads)
-    log(f"{entry.name}: fidelity against fp32: {figures}")
-    fidelity.check(entry.fidelity, figures, entry.name)  # raises FidelityError: not packaged
-    os.makedirs(cache, exist_ok=True)
-    if artifact != WEIGHTS_FILE:
-        shutil.copyfile(os.path.join(stage_dir, artifact), os.path.join(cache, artifact))
-    with open(os.path.join(cache, "fidelity.json"), "w") as f:
-        json.dump(figures, f, indent=2)
-    return artifact, overrides, figures
 
 
 def produce_labels(entry: ModelEntry, out_dir: str) -> None:
@@ -209,41 +251,54 @@ def normalize_archive(path: str) -> None:
 
 
 def stage(entry: ModelEntry, force_weights: bool) -> tuple:
-    """Lay out everything the archive holds; returns (stage folder, serialized file name)."""
-    stage_dir = os.path.join(BUILD_DIR, "stage", entry.name)
+    """Lay out everything the archive holds; returns (stage folder, serialized file name or None)."""
+    stage_dir = os.path.join(BUILD_DIR, "stage", entry.mar_name[:-len(".mar")])
     shutil.rmtree(stage_dir, ignore_errors=True)
     extra = os.path.join(stage_dir, "extra")
     os.makedirs(extra)
-    meta = produce_weights(entry, stage_dir, force_weights)
-    produce_labels(entry, extra)
+    if entry.family == "text":
+        meta = produce_model_folder(entry, extra)
+        artifact, model_path = None, os.path.join(extra, entry.handler_config["model"]["path"])
+    else:
+        meta = produce_weights(entry, stage_dir, force_weights)
+        artifact, model_path = WEIGHTS_FILE, os.path.join(stage_dir, WEIGHTS_FILE)
+    if entry.labels:
+        produce_labels(entry, extra)
     shutil.copytree(HANDLER_KIT, os.path.join(extra, "handler_kit"),
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for model_file in entry.model_files:
         shutil.copy(os.path.join(ROOT, model_file), extra)
-    artifact, overrides = WEIGHTS_FILE, {}
+    overrides = {}
     if entry.transform or entry.variant != "fp32":
-        artifact, overrides, figures = produce_variant(entry, stage_dir)
+        artifact, overrides, figures = produce_variant(entry, stage_dir, model_path)
         meta["fidelity"] = figures
         with open(os.path.join(extra, "fidelity.json"), "w") as f:
             json.dump({"reference": entry.base, **figures}, f, indent=2)
     with open(os.path.join(stage_dir, "model-config.yaml"), "w", encoding="utf-8") as f:
         f.write("# Generated by scripts/build_archives.py from models/catalog.yaml; do not edit.\n")
-        yaml.safe_dump(entry.model_config(artifact, LABELS_FILE, meta, overrides), f, sort_keys=False)
+        yaml.safe_dump(entry.model_config(artifact, LABELS_FILE if entry.labels else None, meta,
+                                          overrides), f, sort_keys=False)
     return stage_dir, artifact
 
 
-def archive(entry: ModelEntry, stage_dir: str, artifact: str, export_path: str) -> str:
+def archive(entry: ModelEntry, stage_dir: str, artifact, export_path: str) -> str:
+    """torch-model-archiver names its output <model name>.mar: it writes into the stage folder,
+    and the archive is moved to its catalog file name (versions share a model name)."""
     os.makedirs(export_path, exist_ok=True)
+    out_dir = os.path.join(stage_dir, "out")
     command = [os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"),
                "--model-name", entry.name, "--version", entry.version,
                "--handler", os.path.join(ROOT, entry.handler),
-               "--serialized-file", os.path.join(stage_dir, artifact),
                "--extra-files", os.path.join(stage_dir, "extra"),
                "--config-file", os.path.join(stage_dir, "model-config.yaml"),
-               "--export-path", export_path, "--force"]
+               "--export-path", out_dir, "--force"]
+    if artifact:
+        command += ["--serialized-file", os.path.join(stage_dir, artifact)]
+    os.makedirs(out_dir, exist_ok=True)
     subprocess.run(command, check=True, cwd=ROOT)
     mar = os.path.join(export_path, entry.mar_name)
-    normalize_archive(mar)
+    normalize_archive(os.path.join(out_dir, f"{entry.name}.mar"))
+    shutil.move(os.path.join(out_dir, f"{entry.name}.mar"), mar)
     return mar
 
 
@@ -280,7 +335,8 @@ def write_samples() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="build only these models")
+    parser.add_argument("--only", nargs="+", metavar="ARCHIVE",
+                        help="build only these archives (file stems: digits, digits_v2.0, minilm_int8)")
     parser.add_argument("--force-weights", action="store_true", help="rebuild cached weights")
     parser.add_argument("--export-path", default=MODEL_STORE)
     parser.add_argument("--catalog", default=CATALOG_PATH, help="default: models/catalog.yaml")
@@ -288,7 +344,7 @@ def main(argv=None) -> int:
     catalog = load_catalog(args.catalog)
     model_dirs = {os.path.dirname(os.path.join(ROOT, f)) for m in catalog.models for f in m.model_files}
     sys.path[:0] = [ROOT, os.path.join(ROOT, "handlers"), *sorted(model_dirs)]
-    entries = [catalog.model(n) for n in args.only] if args.only else catalog.models
+    entries = [catalog.archive(n) for n in args.only] if args.only else catalog.models
     built, refused = {}, []
     for i, entry in enumerate(entries, 1):
         started = time.perf_counter()

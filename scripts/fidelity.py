@@ -4,6 +4,11 @@ runtime code the handler uses, and refused when it costs more than the catalog a
   accuracy   digits: held-out accuracy of both; refuse a drop above max_drop_points (default 0.5)
   agreement  photographs: top-1 agreement with fp32 and mean cosine similarity of the logits on
              `images` (>= 64) deterministic views; defaults 0.98 and 0.99
+  embedding  text: real sentence pairs (models/sentences.py): per-sentence cosine of the variant's
+             vectors to fp32's (refuse below min_cosine, default 0.95) and the share of
+             (paraphrase pair, unrelated pair) comparisons the paraphrase still wins (refuse below
+             min_pair_order, default 1.0); marked lossy when a cosine falls below lossy_below (0.99)
+  regression tabular: held-out R^2 of both; refuse a drop above max_r2_drop (default 0.01)
 """
 import torch
 import torch.nn.functional as F
@@ -47,8 +52,89 @@ def measure(fidelity: dict, reference_logits: torch.Tensor, logits: torch.Tensor
     return figures
 
 
+def pair_order(vectors: torch.Tensor, pairs: int, shift: int) -> float:
+    """Share of (paraphrase pair, unrelated pair) comparisons where the paraphrase pair is more
+    similar. Rows 0..pairs-1 are first sentences, rows pairs..2*pairs-1 their paraphrases."""
+    first, second = vectors[:pairs], vectors[pairs:]
+    paraphrase = (first * second).sum(1)
+    unrelated = (first * second.roll(-shift, dims=0)).sum(1)
+    return (paraphrase[:, None] > unrelated[None, :]).float().mean().item()
+
+
+def text_figures(model_folder: str, handler_config: dict, fidelity: dict) -> dict:
+    """The text variant (its runtime section: dtype, quantization) against fp32, on CPU, through
+    the handler's own stages."""
+    from handler_kit import runtime, text
+    from handler_kit.text_config import parse_text_runtime
+    from models import sentences
+
+    spec = parse_text_runtime(handler_config.get("runtime"))
+    cpu = torch.device("cpu")
+    tokenizer, reference = text.load_tokenizer_and_model(model_folder, cpu)
+    _, model = text.load_tokenizer_and_model(model_folder, cpu)
+    if spec.quantization == "dynamic_int8":
+        model = text.quantize_dynamic_int8(model)
+    inputs, _ = text.tokenize_batch(tokenizer, sentences.fidelity_sentences(),
+                                    int(handler_config.get("max_length", 256)))
+    with torch.inference_mode():
+        expected = text.embed(reference, inputs, cpu)
+        with runtime.autocast(cpu, spec.dtype):
+            vectors = text.embed(model, inputs, cpu)
+    cosines = (vectors * expected).sum(1)
+    pairs, shift = len(sentences.PARAPHRASES), sentences.UNRELATED_SHIFT
+    lossy_below = float(fidelity.get("lossy_below", 0.99))
+    return {"metric": "embedding", "samples": int(vectors.shape[0]),
+            "min_cosine": round(cosines.min().item(), 5), "mean_cosine": round(cosines.mean().item(), 5),
+            "pair_order": round(pair_order(vectors, pairs, shift), 4),
+            "fp32_pair_order": round(pair_order(expected, pairs, shift), 4),
+            "lossy": bool(cosines.min().item() < lossy_below)}
+
+
+def tabular_figures(weights_path: str, handler_config: dict, fidelity: dict) -> dict:
+    """The tabular variant (its runtime quantization) against fp32 on the held-out split."""
+    from handler_kit import tabular
+    from handler_kit.tabular_config import parse_tabular_regressor
+    from models.tabular import diabetes_split
+
+    cpu = torch.device("cpu")
+    config = parse_tabular_regressor({**handler_config, "model": {**handler_config["model"],
+                                                                  "weights": "weights.pt"}})
+    _, _, x_test, y_test, _ = diabetes_split()
+    reference = tabular.load_regressor(weights_path, config.model, cpu, quantization="none")
+    variant = tabular.load_regressor(weights_path, config.model, cpu,
+                                     quantization=config.runtime.quantization)
+    expected, predicted = reference.predict_rows(x_test), variant.predict_rows(x_test)
+    target = torch.as_tensor(y_test, dtype=torch.float64)
+
+    def r2(values):
+        values = torch.as_tensor(values, dtype=torch.float64)
+        return 1.0 - ((values - target) ** 2).sum().item() / ((target - target.mean()) ** 2).sum().item()
+
+    difference = (torch.as_tensor(predicted) - torch.as_tensor(expected)).abs()
+    return {"metric": "regression", "samples": int(len(y_test)), "r2": round(r2(predicted), 4),
+            "fp32_r2": round(r2(expected), 4), "r2_drop": round(r2(expected) - r2(predicted), 4),
+            "max_abs_difference": round(difference.max().item(), 4),
+            "mean_abs_difference": round(difference.mean().item(), 4)}
+
+
 def check(fidelity: dict, figures: dict, name: str) -> None:
     """Raise FidelityError with what failed and by how much."""
+    if fidelity["metric"] == "embedding":
+        problems = []
+        if figures["min_cosine"] < float(fidelity.get("min_cosine", 0.95)):
+            problems.append(f"min cosine to fp32 {figures['min_cosine']} < {fidelity.get('min_cosine', 0.95)}")
+        if figures["pair_order"] < float(fidelity.get("min_pair_order", 1.0)):
+            problems.append(f"paraphrase-over-unrelated order {figures['pair_order']} < "
+                            f"{fidelity.get('min_pair_order', 1.0)} (fp32: {figures['fp32_pair_order']})")
+        if problems:
+            raise FidelityError(f"{name}: {'; '.join(problems)} on {figures['samples']} sentences; not packaged")
+        return
+    if fidelity["metric"] == "regression":
+        limit = float(fidelity.get("max_r2_drop", 0.01))
+        if figures["r2_drop"] > limit:
+            raise FidelityError(f"{name}: held-out R^2 {figures['r2']} is {figures['r2_drop']} below "
+                                f"fp32's {figures['fp32_r2']} (allowed: {limit}); not packaged")
+        return
     if fidelity["metric"] == "accuracy":
         limit = float(fidelity.get("max_drop_points", 0.5))
         if figures["accuracy_drop_points"] > limit:

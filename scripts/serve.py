@@ -5,11 +5,13 @@
     python -m scripts.serve key inference|management   # a valid key, renewed if expired
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
 
 from scripts.catalog import CONFIG_PROPERTIES_PATH, MODEL_STORE, ROOT, load_catalog
+from scripts.manage import enforce_default_versions, history_path_for
 from scripts.ts_client import TorchServeClient, TorchServeError
 from scripts.ts_server import TorchServe, check_java
 
@@ -33,6 +35,8 @@ def start(timeout_s: float) -> int:
             print(f"missing archives {missing}: run `make build` first", file=sys.stderr)
             return 1
         print(f"using {check_java()}")
+        with contextlib.suppress(FileNotFoundError):  # rollbacks belong to the previous run's switches
+            os.remove(history_path_for(ROOT))
         print(f"starting TorchServe with config.properties (logs in "
               f"{os.path.relpath(SERVER_HOME, ROOT)}/logs) ...", flush=True)
         server.start()
@@ -45,16 +49,22 @@ def start(timeout_s: float) -> int:
             last_report[0] = time.monotonic()
             print(f"  waiting for workers ({time.monotonic() - started:.0f} s): {state}", flush=True)
 
+    served = [f"{m.name}/{m.version}" for m in catalog.loaded_at_start]
     try:
-        ready = server.client.wait_ready([m.name for m in catalog.loaded_at_start], timeout_s, progress)
+        ready = server.client.wait_ready(served, timeout_s, progress)
     except TimeoutError as exc:
         print(f"{exc}\n{server.log_tail()}", file=sys.stderr)
         return 1
+    # TorchServe 0.12 makes the first version it loads the default, whatever models= says.
+    for name, (old, new) in enforce_default_versions(server.client, catalog.default_versions()).items():
+        print(f"  {name}: default version set to {new} (TorchServe had chosen {old})")
     key_cmd = "$(.venv/bin/python -m scripts.serve key inference)"
     print("\nTorchServe is ready:")
     for entry in catalog.loaded_at_start:
-        print(f"  {entry.name:<10} {entry.version:<5} {ready[entry.name]} READY worker(s)  "
-              f"{server.inference_url}/predictions/{entry.name}")
+        url = f"{server.inference_url}/predictions/{entry.name}"
+        links = f"{url} and {url}/{entry.version}" if entry.is_default else f"{url}/{entry.version}"
+        print(f"  {entry.name:<10} {entry.version:<5} {ready[f'{entry.name}/{entry.version}']} READY "
+              f"worker(s)  {links}")
     print(f"  inference API:  {server.inference_url}\n  management API: {server.management_url}\n"
           f"  metrics:        {server.metrics_url}/metrics\n"
           f"  keys:           {os.path.relpath(server.client.key_file, ROOT)}\n\nTry:\n"

@@ -146,20 +146,21 @@ class TorchServeClient:
         path = f"/models/{model}" + (f"/{version}" if version else "")
         return self._json("management", "DELETE", path)
 
-    def ready_workers(self, model: str) -> int:
-        description = self.describe(model)
+    def ready_workers(self, model: str, version: Optional[str] = None) -> int:
+        description = self.describe(model, version)
         return sum(1 for w in description[0].get("workers", []) if w.get("status") == "READY")
 
     def wait_ready(self, models: Iterable[str], timeout_s: float = 300.0,
                    progress=None) -> Dict[str, int]:
-        """Block until /ping is healthy and each model has a READY worker."""
+        """Block until /ping is healthy and each model ("name" or "name/version") has a READY
+        worker."""
         deadline = time.monotonic() + timeout_s
         models = list(models)
         last_error = None
         while time.monotonic() < deadline:
             try:
                 if self.ping().get("status") == "Healthy":
-                    ready = {m: self.ready_workers(m) for m in models}
+                    ready = {m: self.ready_workers(*m.split("/", 1)) for m in models}
                     if all(ready.values()):
                         return ready
                     last_error = f"workers not ready yet: {ready}"

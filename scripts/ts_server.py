@@ -19,7 +19,7 @@ from typing import Optional
 import psutil
 import requests
 
-from scripts.catalog import Catalog, parse_config_properties, render_config_properties
+from scripts.catalog import ROOT, Catalog, parse_config_properties, render_config_properties
 from scripts.ts_client import TorchServeClient
 
 MIN_JAVA = 17
@@ -79,6 +79,8 @@ class TorchServe:
         """A server configured as config.properties is, but on free ports, with its own store,
         and (unless ``load_models``) with no model loaded at start."""
         settings = {**local_addresses(), "model_store": os.path.abspath(model_store), **overrides}
+        if "metrics_config" in catalog.server:  # relative to the project root, not to home
+            settings.setdefault("metrics_config", os.path.join(ROOT, catalog.server["metrics_config"]))
         if not load_models:
             catalog = Catalog(server=catalog.server, models=[])
         os.makedirs(home, exist_ok=True)

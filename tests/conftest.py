@@ -30,14 +30,23 @@ def model_store():
 
 @pytest.fixture(scope="session")
 def extracted_archives(model_store, tmp_path_factory):
-    """name -> folder holding that archive's contents, as TorchServe unpacks it for a worker."""
-    out = {}
-    for entry in load_catalog().models:
-        folder = tmp_path_factory.mktemp(f"mar-{entry.name}")
-        with zipfile.ZipFile(os.path.join(model_store, entry.mar_name)) as archive:
+    """archive stem (digits, digits_v2.0, minilm_int8...) -> folder holding that archive's
+    contents, as TorchServe unpacks it for a worker; extracted on first use."""
+    return _ExtractedArchives(model_store, tmp_path_factory)
+
+
+class _ExtractedArchives(dict):
+    def __init__(self, model_store, tmp_path_factory):
+        super().__init__()
+        self.model_store, self.tmp_path_factory = model_store, tmp_path_factory
+
+    def __missing__(self, stem):
+        load_catalog().archive(stem)  # a CatalogError names the declared archives
+        folder = self.tmp_path_factory.mktemp(f"mar-{stem}")
+        with zipfile.ZipFile(os.path.join(self.model_store, f"{stem}.mar")) as archive:
             archive.extractall(folder)
-        out[entry.name] = str(folder)
-    return out
+        self[stem] = str(folder)
+        return self[stem]
 
 
 @pytest.fixture(scope="session")

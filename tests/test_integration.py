@@ -149,23 +149,101 @@ def test_describe_reports_ready_workers_and_the_archive_meta(server):
     assert meta["heldout_accuracy"] >= 0.97
 
 
+def check_answers(server, entry, samples):
+    """Send the family's real sample inputs to ``entry`` (as registered) and check the answers."""
+    url_name = entry.name if entry.is_default else f"{entry.name}/{entry.version}"
+    if entry.family == "text":
+        from models import sentences
+        first, second = zip(*sentences.PARAPHRASES[:4])
+        answer = post(server, url_name, json.dumps({"inputs": list(first + second)}),
+                      {"Content-Type": "application/json"})
+        assert answer.status_code == 200, answer.text
+        vectors = np.asarray(answer.json()["embeddings"])
+        similarity = vectors @ vectors.T
+        paraphrase = [similarity[i, 4 + i] for i in range(4)]
+        unrelated = [similarity[i, 4 + (i + 1) % 4] for i in range(4)]
+        assert vectors.shape == (8, 384) and min(paraphrase) > max(unrelated)
+    elif entry.family == "tabular":
+        from models.tabular import diabetes_split
+        _, _, rows, targets, _ = diabetes_split()
+        answer = post(server, url_name, json.dumps(rows[:20].tolist()), {"Content-Type": "application/json"})
+        assert answer.status_code == 200, answer.text
+        predictions = np.asarray(answer.json()["predictions"])
+        assert predictions.shape == (20,)
+        assert np.corrcoef(predictions, targets[:20])[0, 1] > 0.5  # a model of the data, not noise
+    elif entry.base == "digits":
+        _, _, images, labels = samples.digits_split()
+        answers = [post(server, url_name, samples.png_bytes(p)) for p in images[:20]]
+        assert all(a.status_code == 200 for a in answers)
+        correct = sum(a.json()[0]["label"] == str(l) for a, l in zip(answers, labels[:20]))
+        assert correct >= 19
+    else:
+        for photo in samples.photo_bytes():
+            answer = post(server, url_name, photo, {"Content-Type": "image/jpeg"})
+            assert answer.status_code == 200 and len(answer.json()) == 5
+
+
+@pytest.mark.parametrize("stem", [m.mar_name[:-4] for m in load_catalog().loaded_at_start])
+def test_every_served_model_answers_its_real_inputs(server, catalog, samples, stem):
+    entry = catalog.archive(stem)
+    check_answers(server, entry, samples)
+    meta = server.client.describe(entry.name, entry.version, customized=True)[0]["customizedMetadata"]["meta"]
+    assert meta["version"] == entry.version
+
+
 @pytest.mark.parametrize("name", [m.name for m in load_catalog().models if not m.load_at_start])
 def test_every_variant_serves_through_torchserve(server, catalog, samples, name):
     """Registered through the management API with its catalog settings, answered, unregistered."""
-    _, _, images, labels = samples.digits_split()
     entry = catalog.model(name)
     server.client.register(entry.mar_name, synchronous="true", **entry.registration())
     try:
-        if entry.base == "digits":
-            answers = [post(server, entry.name, samples.png_bytes(p)) for p in images[:20]]
-            assert all(a.status_code == 200 for a in answers)
-            correct = sum(a.json()[0]["label"] == str(l) for a, l in zip(answers, labels[:20]))
-            assert correct >= 19
-        else:
-            for photo in samples.photo_bytes():
-                answer = post(server, entry.name, photo, {"Content-Type": "image/jpeg"})
-                assert answer.status_code == 200 and len(answer.json()) == 5
+        check_answers(server, entry, samples)
         meta = server.client.describe(entry.name, customized=True)[0]["customizedMetadata"]["meta"]
         assert meta["variant"] == entry.variant
+        if entry.family == "text":  # a variant that loses precision says so
+            assert meta["fidelity"]["lossy"] == (meta["fidelity"]["min_cosine"] < 0.99)
     finally:
         server.client.unregister(entry.name)
+
+
+def test_text_requests_that_cannot_be_embedded_get_a_4xx(server):
+    cases = [(b"   ", "text/plain", 400, "text 0 is empty"),
+             (b"\xff\xfe bad", "text/plain", 400, "not UTF-8"),
+             (b'{"inputs": [1, 2]}', "application/json", 400, "must be a string"),
+             (("word " * 3000).encode(), "text/plain", 413, "above the limit")]
+    for body, content_type, status, message in cases:
+        response = post(server, "minilm", body, {"Content-Type": content_type})
+        assert response.status_code == status, (body[:20], response.text)
+        assert message in response.json()["message"]
+
+
+def metric_samples(text: str, name: str) -> dict:
+    """{labels string: value} of one metric in a Prometheus text exposition."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, _, value = line[len(name):].rpartition(" ")
+            out[labels] = float(value)
+    return out
+
+
+def test_prometheus_scrape_has_the_handlers_own_metrics(server, samples):
+    _, _, images, _ = samples.digits_split()
+    for pixels in images[:4]:
+        assert post(server, "digits", samples.png_bytes(pixels)).status_code == 200
+    assert post(server, "digits", b"<html>not an image</html>").status_code == 400
+    scrape = requests.get(f"{server.metrics_url}/metrics", timeout=30)
+    assert scrape.status_code == 200
+    text = scrape.text
+
+    def value(name, **labels):
+        found = [v for k, v in metric_samples(text, name).items()
+                 if all(f'{label}="{wanted}"' in k for label, wanted in labels.items())]
+        assert found, f"{name} {labels} not in the scrape"
+        return sum(found)
+
+    assert value("HandlerBatches", ModelName="digits", ModelVersion="1.0") >= 5
+    assert value("HandlerBatchRequests", ModelName="digits") >= 5
+    assert value("HandlerInferenceMilliseconds", ModelName="digits") > 0
+    assert value("HandlerPreprocessMilliseconds", ModelName="digits") > 0
+    assert value("HandlerRejectedInputs", ModelName="digits", Reason="bad_input") >= 1

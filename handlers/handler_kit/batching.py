@@ -38,4 +38,11 @@ def merge(batch: Batch, results: Sequence[Any], context=None) -> list:
         if context is not None:  # None during a handler's warm-up, before any request
             context.set_response_status(error.status, error.message, idx)
         responses[idx] = error.to_body()
+    if context is not None:
+        for idx in range(batch.size):
+            # gRPC requests carry no url_path (HTTP ones do). TorchServe 0.12's StreamPredictions
+            # needs ts_stream_next=false on a one-part answer, or its frontend throws and restarts
+            # the worker; over HTTP the header would turn the answer into an endless chunked stream.
+            if context.get_request_header(idx, "url_path") is None:
+                context.set_response_header(idx, "ts_stream_next", "false")
     return responses
