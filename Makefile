@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
-.PHONY: help venv java build config serve stop test bench clean
+.PHONY: help venv java build config serve stop test bench kserve clean
 
 help:
 	@echo "make serve   set up .venv, build weights and archives, start TorchServe, wait until READY"
@@ -13,6 +13,7 @@ help:
 	@echo "make test    the whole test suite (unit + integration against a real TorchServe)"
 	@echo "make bench   in-process vs served vs TorchServe's stock handler, side by side"
 	@echo "make build   weights + model_store/*.mar;  make config  regenerate config.properties"
+	@echo "make kserve  KServe model repository + InferenceService manifests in build/kserve"
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +45,9 @@ test: venv java build
 
 bench: venv java build
 	$(PY) -m scripts.bench
+
+kserve: venv build
+	$(PY) -m scripts.kserve
 
 clean: stop
 	rm -rf build model_store/*.mar model_store/SHA256SUMS .serve logs key_file.json .default_versions_history.json

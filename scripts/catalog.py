@@ -78,6 +78,7 @@ class ModelEntry:
 class Catalog:
     server: dict
     models: List[ModelEntry]
+    deploy: Optional[dict] = None  # KServe deployment settings (scripts/kserve.py)
 
     @property
     def loaded_at_start(self) -> List[ModelEntry]:
@@ -237,7 +238,7 @@ def load_catalog(path: str = CATALOG_PATH) -> Catalog:
     archives = [m.mar_name for m in models]
     if len(set(keys)) != len(keys) or len(set(archives)) != len(archives):
         raise CatalogError(f"{path}: model name/version pairs must be unique, got {keys}")
-    return Catalog(server=dict(raw.get("server") or {}), models=models)
+    return Catalog(server=dict(raw.get("server") or {}), models=models, deploy=raw.get("deploy"))
 
 
 def models_property(models: List[ModelEntry]) -> Dict[str, dict]:

@@ -119,24 +119,54 @@ def test_resize_crop_and_batch(china):
     assert batch[1, 0, 0, 0].item() == pytest.approx(expected, abs=1e-5)
 
 
+class RecordingContext:
+    """What TorchServe's Context receives from batching.merge, for a batch of ``size`` requests
+    that came over HTTP (a url_path header) or gRPC (none)."""
+
+    def __init__(self, size, url_path="/predictions/m"):
+        self.request_ids = {i: f"req-{i}" for i in range(size)}
+        self.url_path, self.statuses, self.headers = url_path, {}, {}
+
+    def set_response_status(self, code, phrase, idx):
+        self.statuses[idx] = (code, phrase)
+
+    def get_request_header(self, idx, key):
+        return self.url_path if key == "url_path" else None
+
+    def set_response_header(self, idx, key, value):
+        self.headers[(idx, key)] = value
+
+
+def _negative_is_bad(x):
+    if x < 0:
+        raise BadInput(f"negative: {x}")
+    return x * 10
+
+
 def test_bad_request_does_not_fail_the_batch():
-    def stage(x):
-        if x < 0:
-            raise BadInput(f"negative: {x}")
-        return x * 10
-    class Context:  # records what TorchServe's Context.set_response_status receives
-        def __init__(self):
-            self.statuses = {}
-
-        def set_response_status(self, code, phrase, idx):
-            self.statuses[idx] = (code, phrase)
-
-    batch = batching.prepare([1, -2, 3], stage)
-    context = Context()
+    batch = batching.prepare([1, -2, 3], _negative_is_bad)
+    context = RecordingContext(3)
     responses = batching.merge(batch, [r + 1 for r in batch.items], context)
-    statuses = context.statuses
     assert responses[0] == 11 and responses[2] == 31
-    assert responses[1]["code"] == 400 and statuses == {1: (400, "negative: -2")}
+    assert responses[1]["code"] == 400 and context.statuses == {1: (400, "negative: -2")}
+    assert context.headers == {}  # HTTP answers are not marked as streams
+
+
+def test_grpc_answers_are_marked_as_one_part_streams():
+    batch = batching.prepare([1, 2], _negative_is_bad)
+    context = RecordingContext(2, url_path=None)
+    batching.merge(batch, batch.items, context)
+    assert context.headers == {(0, "ts_stream_next"): "false", (1, "ts_stream_next"): "false"}
+
+
+def test_instances_of_one_enveloped_request_are_answered_in_place(monkeypatch):
+    """KServe's envelope turns one request's instances into the batch: a bad instance must not
+    set a status for a request index that does not exist."""
+    monkeypatch.setenv("TS_SERVICE_ENVELOPE", "kserve")
+    batch = batching.prepare([1, -2, 3], _negative_is_bad)
+    context = RecordingContext(1)
+    responses = batching.merge(batch, batch.items, context)
+    assert context.statuses == {} and responses[1]["message"] == "negative: -2"
 
 
 def test_topk_predictions_are_sorted_probabilities():
@@ -210,3 +240,17 @@ def test_weights_with_pickled_code_are_refused(tmp_path):
     torch.save({"fc.weight": torch.zeros(2), "evil": Payload()}, path)
     with pytest.raises(ConfigError, match="refusing to load weights.pt"):
         runtime.load_state_dict(str(path), torch.device("cpu"))
+
+
+def test_cgroup_cpu_quota_limits_the_thread_budget(tmp_path):
+    from handler_kit.runtime import cgroup_cpu_quota
+    assert cgroup_cpu_quota(str(tmp_path)) is None  # no cgroup files: unlimited
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(str(tmp_path)) is None
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # Kubernetes limits: cpu: 1500m
+    assert cgroup_cpu_quota(str(tmp_path)) == 1.5
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")  # cgroup v1
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(str(tmp_path)) == 2.0

@@ -1,4 +1,5 @@
 """Per-request stages inside a server-side batch: one bad request must not fail the others."""
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Sequence
 
@@ -34,11 +35,16 @@ def merge(batch: Batch, results: Sequence[Any], context=None) -> list:
     responses: list = [None] * batch.size
     for idx, result in zip(batch.good_indices, results):
         responses[idx] = result
+    # Under a request envelope (KServe's runtime sets TS_SERVICE_ENVELOPE) the batch holds the
+    # instances of one request: a failed instance is answered in place, the request keeps its 200.
+    # context is None during a handler's warm-up, before any request.
+    per_request = (context is not None and not os.environ.get("TS_SERVICE_ENVELOPE")
+                   and len(getattr(context, "request_ids", None) or {}) == batch.size)
     for idx, error in batch.errors.items():
-        if context is not None:  # None during a handler's warm-up, before any request
+        if per_request:
             context.set_response_status(error.status, error.message, idx)
         responses[idx] = error.to_body()
-    if context is not None:
+    if per_request:
         for idx in range(batch.size):
             # gRPC requests carry no url_path (HTTP ones do). TorchServe 0.12's StreamPredictions
             # needs ts_stream_next=false on a one-part answer, or its frontend throws and restarts

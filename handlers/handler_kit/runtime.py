@@ -2,6 +2,7 @@
 import contextlib
 import importlib
 import logging
+import math
 import os
 import pickle
 import warnings
@@ -27,11 +28,32 @@ def select_device(requested: str, gpu_id) -> torch.device:
 
 
 def available_cores() -> int:
-    """Cores this process may run on (CPU affinity, e.g. a container's cpuset), not the host's."""
+    """Cores this process may run on, not the host's: CPU affinity (a container's cpuset) and the
+    cgroup CPU quota (Kubernetes CPU limits leave the affinity at every core of the node)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup"):
+    """CPUs allowed by the cgroup quota (v2 cpu.max, v1 cpu.cfs_quota_us), or None if unlimited."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period = int(f.read())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
 
 
 def thread_budget(requested, workers: int, cores: int) -> int:

@@ -69,6 +69,8 @@ def binary_payload(request: dict) -> bytes:
     if isinstance(value, str):
         if not value:
             raise BadInput("request body is empty")
+        if name in BASE64_KEYS:  # a JSON object's field, e.g. a KServe v1 instance {"data": "<base64>"}
+            return decode_base64(value, name)
         raise BadInput(f"field '{name}' is text; send binary data, or JSON {{\"data\": \"<base64>\"}}")
     if isinstance(value, list):
         raise BadInput("JSON body must be an object such as {\"data\": \"<base64>\"}, not a list")
