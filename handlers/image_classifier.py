@@ -17,6 +17,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from handler_kit import batching, runtime, vision, wire
 from handler_kit.config import parse_image_classifier
 from handler_kit.metrics import HandlerMetrics, NoMetrics
+from handler_kit.profiling import Profiler
 from handler_kit.outputs import load_labels, topk_predictions
 
 logger = logging.getLogger(__name__)
@@ -41,8 +42,10 @@ class ImageClassifierHandler(BaseHandler):
                                   cfg.model.kwargs.get("num_classes"))
         self.max_batch = int(properties.get("batch_size") or 1)
         self.metrics = NoMetrics()
+        self.profiler = Profiler(None, context.model_name)  # the warm-up batch is never profiled
         self._warm_up()
         self.metrics = HandlerMetrics(context.metrics, context.model_name, self.config.meta.get("version", ""))
+        self.profiler = Profiler.from_environment(context.model_name)
         self.initialized = True
         logger.info("model ready: %s %s on %s (threads=%d, dtype=%s, batch<=%d)", cfg.model.format,
                     cfg.model.quantization, self.device, torch.get_num_threads(), cfg.runtime.dtype,
@@ -79,7 +82,8 @@ class ImageClassifierHandler(BaseHandler):
         image_cfg = self.config.image
         with self.metrics.timed("Inference"):
             inputs = vision.to_batch(batch.items, image_cfg.mean, image_cfg.std, self.channels_last)
-            return batch, self.run_model(inputs)
+            with self.profiler.maybe_profile(len(batch.items)):
+                return batch, self.run_model(inputs)
 
     def postprocess(self, data):
         batch, logits = data

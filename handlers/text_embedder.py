@@ -16,6 +16,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from handler_kit import batching, runtime, text
 from handler_kit.errors import ConfigError
 from handler_kit.metrics import HandlerMetrics, NoMetrics
+from handler_kit.profiling import Profiler
 from handler_kit.text_config import parse_text_embedder
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,10 @@ class TextEmbedderHandler(BaseHandler):
         self.version = str((context.manifest or {}).get("model", {}).get("modelVersion", ""))
         self.max_batch = int(properties.get("batch_size") or 1)
         self.metrics = NoMetrics()
+        self.profiler = Profiler(None, context.model_name)  # the warm-up batch is never profiled
         self._warm_up()
         self.metrics = HandlerMetrics(context.metrics, context.model_name, self.config.meta.get("version", ""))
+        self.profiler = Profiler.from_environment(context.model_name)
         self.initialized = True
         logger.info("model ready on %s (threads=%d, dtype=%s, quantization=%s, batch<=%d)", self.device,
                     torch.get_num_threads(), cfg.runtime.dtype, cfg.runtime.quantization, self.max_batch)
@@ -78,7 +81,8 @@ class TextEmbedderHandler(BaseHandler):
         texts = [t for request_texts in batch.items for t in request_texts]
         with self.metrics.timed("Inference"):
             inputs, truncated = text.tokenize_batch(self.tokenizer, texts, self.config.max_length)
-            with torch.inference_mode(), runtime.autocast(self.device, self.config.runtime.dtype):
+            with torch.inference_mode(), runtime.autocast(self.device, self.config.runtime.dtype), \
+                    self.profiler.maybe_profile(len(batch.items)):
                 embeddings = text.embed(self.model, inputs, self.device)
         return batch, (embeddings, truncated)
 
