@@ -39,6 +39,8 @@ def _decode_body(value: bytes):
         # TorchServe forwards the raw bytes when a JSON body does not parse.
         try:
             return json.loads(text)
+        except RecursionError:  # e.g. "[" * 100000: TorchServe's own parse gave up the same way
+            raise BadInput("JSON body is nested too deeply") from None
         except json.JSONDecodeError as exc:
             raise BadInput(f"body was sent as JSON but is not valid JSON: {exc}; send plain "
                            "text with Content-Type text/plain to embed it as it is") from None
