@@ -35,6 +35,7 @@ config: venv
 	$(PY) -m scripts.render_config
 
 serve: venv java build
+	$(PY) -m scripts.verify_archives
 	$(PY) -m scripts.serve start
 
 stop: venv

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler_kit import batching, runtime, vision, wire
+from handler_kit import batching, oom, runtime, vision, wire
 from handler_kit.config import parse_image_classifier
 from handler_kit.metrics import HandlerMetrics, NoMetrics
 from handler_kit.profiling import Profiler
@@ -83,7 +83,10 @@ class ImageClassifierHandler(BaseHandler):
         with self.metrics.timed("Inference"):
             inputs = vision.to_batch(batch.items, image_cfg.mean, image_cfg.std, self.channels_last)
             with self.profiler.maybe_profile(len(batch.items)):
-                return batch, self.run_model(inputs)
+                # CUDA out of memory: cached memory freed, the batch retried in halves
+                run = oom.run_with_oom_split(self.run_model, inputs)
+            oom.move_failures_to_errors(batch, run.errors)
+            return batch, run.outputs
 
     def postprocess(self, data):
         batch, logits = data

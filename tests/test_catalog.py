@@ -36,6 +36,7 @@ def test_config_properties_keeps_security_defaults():
     assert "disable_token_authorization" not in props
     assert int(props["max_request_size"]) >= 12 * 1024 * 1024
     assert props["enable_model_api"] == "true"
+    assert props["allowed_urls"] == ""  # registration only from the model store
 
 
 def test_archives_config_properties_and_catalog_agree(catalog, model_store):

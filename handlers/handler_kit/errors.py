@@ -35,5 +35,10 @@ class NotReady(RequestError):
     kind = "not_ready"
 
 
+class OutOfMemory(NotReady):
+    """503: the model ran out of accelerator memory even for this request alone."""
+    kind = "out_of_memory"
+
+
 class ConfigError(ValueError):
     """The archive's configuration is wrong; raised at load time so the worker never starts."""

@@ -11,14 +11,11 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from handler_kit.batching import Batch
-from handler_kit.errors import NotReady
+from handler_kit.errors import OutOfMemory
 
 logger = logging.getLogger(__name__)
 
 
-class OutOfMemory(NotReady):
-    """503: the model ran out of accelerator memory even for this request alone."""
-    kind = "out_of_memory"
 
 
 @dataclass

@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import warnings
 
 import torch
@@ -69,6 +70,14 @@ def apply_thread_budget(threads: int) -> None:
         torch.set_num_interop_threads(1)
 
 
+def unpickler_reason(exc: Exception) -> str:
+    """The line of torch's weights_only error that names what was refused (e.g. 'Unsupported
+    global: GLOBAL os.system'), without its terminal colour codes."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    named = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    return (named or [line for line in lines if line] or ["unknown reason"])[0]
+
+
 def load_state_dict(path: str, device: torch.device) -> dict:
     """Load tensors only: a weights file carrying pickled code is refused, never executed."""
     if not os.path.isfile(path):
@@ -77,7 +86,7 @@ def load_state_dict(path: str, device: torch.device) -> dict:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ConfigError(f"refusing to load {os.path.basename(path)}: it is not a plain tensor "
-                          f"state_dict (weights_only load failed: {str(exc).splitlines()[0]})") from None
+                          f"state_dict (weights_only load failed: {unpickler_reason(exc)})") from None
     if not isinstance(state, dict):
         raise ConfigError(f"{os.path.basename(path)} holds a {type(state).__name__}, not a state_dict")
     return state
