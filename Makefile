@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
-.PHONY: help venv java build config serve stop test bench kserve clean
+.PHONY: help venv java build config serve stop test bench soak kserve clean
 
 help:
 	@echo "make serve   set up .venv, build weights and archives, start TorchServe, wait until READY"
@@ -13,6 +13,7 @@ help:
 	@echo "make test    the whole test suite (unit + integration against a real TorchServe)"
 	@echo "make bench   in-process vs served vs TorchServe's stock handler, side by side"
 	@echo "make build   weights + model_store/*.mar;  make config  regenerate config.properties"
+	@echo "make soak    10-minute soak: concurrency 32, good and bad inputs, memory of the workers"
 	@echo "make kserve  KServe model repository + InferenceService manifests in build/kserve"
 
 $(STAMP): requirements.txt
@@ -46,6 +47,9 @@ test: venv java build
 
 bench: venv java build
 	$(PY) -m scripts.bench
+
+soak: venv java build
+	$(PY) -m scripts.soak --start --seconds 600
 
 kserve: venv build
 	$(PY) -m scripts.kserve

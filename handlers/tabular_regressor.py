@@ -9,15 +9,12 @@ A request that fails a stage gets its own 4xx; the rest of the server-side batch
 """
 import logging
 import os
-import time
 
 import numpy as np
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler_kit import batching, runtime, tabular
-from handler_kit.metrics import HandlerMetrics, NoMetrics
-from handler_kit.profiling import Profiler
+from handler_kit import batching, serving, tabular
 from handler_kit.tabular_config import parse_tabular_regressor
 
 logger = logging.getLogger(__name__)
@@ -26,50 +23,29 @@ logger = logging.getLogger(__name__)
 class TabularRegressorHandler(BaseHandler):
     def initialize(self, context):
         properties = context.system_properties
-        model_config = context.model_yaml_config or {}
-        self.config = parse_tabular_regressor(model_config.get("handler"))
+        self.config = parse_tabular_regressor((context.model_yaml_config or {}).get("handler"))
         cfg = self.config
-        self.device = runtime.select_device(cfg.runtime.device, properties.get("gpu_id"))
-        if self.device.type == "cpu":
-            threads = runtime.thread_budget(cfg.runtime.threads, model_config.get("maxWorkers", 1),
-                                            runtime.available_cores())
-            runtime.apply_thread_budget(threads)
+        self.device, _ = serving.place_worker(cfg.runtime, context)
         self.regressor = tabular.load_regressor(os.path.join(properties.get("model_dir"), cfg.model.weights),
                                                 cfg.model, self.device, cfg.runtime.quantization)
         self.max_batch = int(properties.get("batch_size") or 1)
-        self.metrics = NoMetrics()
-        self.profiler = Profiler(None, context.model_name)  # the warm-up batch is never profiled
-        self._warm_up()
-        self.metrics = HandlerMetrics(context.metrics, context.model_name, self.config.meta.get("version", ""))
-        self.profiler = Profiler.from_environment(context.model_name)
-        self.initialized = True
+        serving.warm_up_then_serve(self, context, self._warm_up_requests(), lambda r: (
+            isinstance(r, dict) and "predictions" in r and np.isfinite(r["predictions"]).all()))
         logger.info("model ready: version %s on %s (threads=%d, quantization=%s, batch<=%d, rows<=%d)",
                     self.regressor.version, self.device, torch.get_num_threads(), cfg.runtime.quantization,
                     self.max_batch, cfg.max_rows)
 
-    def _warm_up(self):
-        """A worker is ready only once a full-size batch of valid rows (the training means, as
-        objects and as lists) has gone through every stage."""
+    def _warm_up_requests(self) -> list:
+        """A full-size batch of valid rows: the training means, as objects and as lists."""
         params = self.regressor.params
         names, mean = params.feature_names, [float(v) for v in params.mean]
-        requests = [{"body": dict(zip(names, mean)) if i % 2 == 0 else [mean]} for i in range(self.max_batch)]
-        started = time.perf_counter()
-        results = self.postprocess(self.inference(self.preprocess(requests)))
-        bad = [r for r in results if not (isinstance(r, dict) and "predictions" in r
-                                          and np.isfinite(r["predictions"]).all())]
-        if bad:
-            raise RuntimeError(f"warm-up inference failed: {bad[0]}")
-        logger.info("warm-up batch of %d took %.0f ms", self.max_batch,
-                    (time.perf_counter() - started) * 1000)
+        return [{"body": dict(zip(names, mean)) if i % 2 == 0 else [mean]} for i in range(self.max_batch)]
 
     def _prepare_one(self, request):
         return tabular.rows_of(request, self.regressor.params.feature_names, self.config.max_rows)
 
     def preprocess(self, data):
-        with self.metrics.timed("Preprocess"):
-            batch = batching.prepare(data, self._prepare_one)
-        self.metrics.batch(batch.size, batch.errors)
-        return batch
+        return serving.prepare_batch(self, data, self._prepare_one)
 
     def inference(self, batch, *args, **kwargs):
         if not batch.items:

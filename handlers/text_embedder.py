@@ -8,15 +8,12 @@ A request that fails a stage gets its own 4xx; the rest of the server-side batch
 """
 import logging
 import os
-import time
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler_kit import batching, runtime, text
+from handler_kit import batching, runtime, serving, text
 from handler_kit.errors import ConfigError
-from handler_kit.metrics import HandlerMetrics, NoMetrics
-from handler_kit.profiling import Profiler
 from handler_kit.text_config import parse_text_embedder
 
 logger = logging.getLogger(__name__)
@@ -25,17 +22,12 @@ logger = logging.getLogger(__name__)
 class TextEmbedderHandler(BaseHandler):
     def initialize(self, context):
         properties = context.system_properties
-        model_config = context.model_yaml_config or {}
-        self.config = parse_text_embedder(model_config.get("handler"))
+        self.config = parse_text_embedder((context.model_yaml_config or {}).get("handler"))
         cfg = self.config
-        self.device = runtime.select_device(cfg.runtime.device, properties.get("gpu_id"))
+        self.device, _ = serving.place_worker(cfg.runtime, context)
         if cfg.runtime.quantization == "dynamic_int8" and self.device.type != "cpu":
             raise ConfigError(f"handler.runtime.quantization dynamic_int8 runs on CPU only, but the worker "
                               f"was given {self.device}; set handler.runtime.device: cpu, or quantization: none")
-        if self.device.type == "cpu":
-            threads = runtime.thread_budget(cfg.runtime.threads, model_config.get("maxWorkers", 1),
-                                            runtime.available_cores())
-            runtime.apply_thread_budget(threads)
         folder = os.path.join(properties.get("model_dir"), cfg.model_path)
         self.tokenizer, self.model = text.load_tokenizer_and_model(folder, self.device)
         text.check_max_length(cfg.max_length, self.tokenizer, self.model)
@@ -44,36 +36,22 @@ class TextEmbedderHandler(BaseHandler):
         self.model_name = context.model_name
         self.version = str((context.manifest or {}).get("model", {}).get("modelVersion", ""))
         self.max_batch = int(properties.get("batch_size") or 1)
-        self.metrics = NoMetrics()
-        self.profiler = Profiler(None, context.model_name)  # the warm-up batch is never profiled
-        self._warm_up()
-        self.metrics = HandlerMetrics(context.metrics, context.model_name, self.config.meta.get("version", ""))
-        self.profiler = Profiler.from_environment(context.model_name)
-        self.initialized = True
+        serving.warm_up_then_serve(self, context, self._warm_up_requests(),
+                                   lambda r: isinstance(r, dict) and "embeddings" in r)
         logger.info("model ready on %s (threads=%d, dtype=%s, quantization=%s, batch<=%d)", self.device,
                     torch.get_num_threads(), cfg.runtime.dtype, cfg.runtime.quantization, self.max_batch)
 
-    def _warm_up(self):
-        """A worker is ready only once a full-size batch of texts longer than max_length (the
-        truncation path, the widest padding) has gone through every stage."""
+    def _warm_up_requests(self) -> list:
+        """A full-size batch of texts longer than max_length: the truncation path, the widest
+        padding."""
         long_text = ("warm up the encoder " * self.config.max_length)[:self.config.max_chars]
-        requests = [{"body": long_text.encode()}] * self.max_batch
-        started = time.perf_counter()
-        results = self.postprocess(self.inference(self.preprocess(requests)))
-        bad = [r for r in results if not (isinstance(r, dict) and "embeddings" in r)]
-        if bad:
-            raise RuntimeError(f"warm-up inference failed: {bad[0]}")
-        logger.info("warm-up batch of %d took %.0f ms", self.max_batch,
-                    (time.perf_counter() - started) * 1000)
+        return [{"body": long_text.encode()}] * self.max_batch
 
     def _prepare_one(self, request):
         return text.texts_of(request, self.config.max_texts, self.config.max_chars)
 
     def preprocess(self, data):
-        with self.metrics.timed("Preprocess"):
-            batch = batching.prepare(data, self._prepare_one)
-        self.metrics.batch(batch.size, batch.errors)
-        return batch
+        return serving.prepare_batch(self, data, self._prepare_one)
 
     def inference(self, batch, *args, **kwargs):
         if not batch.items:

@@ -12,7 +12,7 @@ import time
 
 from scripts.catalog import CONFIG_PROPERTIES_PATH, MODEL_STORE, ROOT, load_catalog
 from scripts.manage import enforce_default_versions, history_path_for
-from scripts.ts_client import TorchServeClient, TorchServeError
+from scripts.ts_client import TorchServeError
 from scripts.ts_server import TorchServe, check_java
 
 SERVER_HOME = os.path.join(ROOT, ".serve")  # pid file and temporary files of `make serve`

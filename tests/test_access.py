@@ -29,6 +29,7 @@ from scripts.ts_server import TorchServe, check_java
 # default 'file://.*|http(s)?://.*' downloads or copies anything into the store); archives are
 # registered by name and resolved inside model_store.
 ALLOWED_URLS = load_catalog().server["allowed_urls"]
+TORCHSERVE_DEFAULT_ALLOWED_URLS = "file://.*|http(s)?://.*"
 KEY_REFUSED = "InvalidKeyException"
 MAX_REQUEST_SIZE = int(load_catalog().server["max_request_size"])
 
@@ -139,7 +140,8 @@ def bare_server(model_store, tmp_path_factory):
     """TorchServe's own defaults (allowed_urls included), keys valid for 6 s, no model."""
     folder = tmp_path_factory.mktemp("bare-store")
     shutil.copy(os.path.join(model_store, load_catalog().model("digits").mar_name), folder)
-    ts = start_server(str(tmp_path_factory.mktemp("ts-bare")), str(folder), token_expiration_min=0.1)
+    ts = start_server(str(tmp_path_factory.mktemp("ts-bare")), str(folder), token_expiration_min=0.1,
+                      allowed_urls=TORCHSERVE_DEFAULT_ALLOWED_URLS)
     try:
         yield ts
     finally:

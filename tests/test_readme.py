@@ -1,5 +1,5 @@
-"""README's own commands, run as a user runs them: `make serve` (twice), its curl, the client,
-`make stop`. Uses the ports of config.properties, so it is skipped if another program holds them."""
+"""README's own commands, run as a user runs them: `make serve` (twice), its curls (image, text,
+tabular), the client, the management CLI's list, `make stop`. Uses the ports of config.properties, so it is skipped if another program holds them."""
 import json
 import os
 import re
@@ -62,6 +62,24 @@ def test_readme_quick_start_works():
         digit = run(client, 120)
         assert digit.returncode == 0, digit.stdout + digit.stderr
         assert json.loads(digit.stdout)["response"][0]["label"] == "7"
+
+        text_curl = next(c for c in commands if c.startswith("curl ") and "/predictions/minilm" in c)
+        embeddings = run(text_curl, 120)
+        assert embeddings.returncode == 0, embeddings.stderr
+        vectors = json.loads(embeddings.stdout)["embeddings"]
+        assert len(vectors) == 2 and sum(a * b for a, b in zip(*vectors)) > 0.5  # a paraphrase pair
+
+        tabular_curl = next(c for c in commands if c.startswith("curl ") and "/predictions/diabetes" in c)
+        prediction = run(tabular_curl, 120)
+        assert prediction.returncode == 0, prediction.stderr
+        answer = json.loads(prediction.stdout)
+        assert len(answer["predictions"]) == 1 and 25 <= answer["predictions"][0] <= 346
+
+        listing = run(next(c for c in commands if "scripts.manage list" in c), 120)
+        assert listing.returncode == 0, listing.stdout + listing.stderr
+        rows = [line.split() for line in listing.stdout.splitlines()]
+        assert ["digits", "1.0", "*"] in [row[:3] for row in rows]  # the catalog's default, after start
+        assert any(row[:2] == ["digits", "2.0"] and row[2] != "*" for row in rows)
     finally:
         if not already_running:
             stopped = run("make stop")

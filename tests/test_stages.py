@@ -254,3 +254,13 @@ def test_cgroup_cpu_quota_limits_the_thread_budget(tmp_path):
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")  # cgroup v1
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
     assert cgroup_cpu_quota(str(tmp_path)) == 2.0
+
+
+def test_extreme_aspect_ratio_is_cropped_before_resizing():
+    """A 1x50000 image must not be resized whole (gigabytes at 256 px high); the centre that
+    survives the crop is the same as for the uncut image."""
+    strip = torch.arange(3 * 4 * 400, dtype=torch.float32).reshape(3, 4, 400).remainder(251).to(torch.uint8)
+    out = vision.resize_and_crop(strip, 16, 8)
+    assert out.shape == (3, 8, 8)
+    wide = torch.zeros(3, 1, 50000, dtype=torch.uint8)
+    assert vision.resize_and_crop(wide, 256, 224).shape == (3, 224, 224)

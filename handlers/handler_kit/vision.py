@@ -7,8 +7,9 @@ import io
 import warnings
 from typing import Sequence
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
@@ -50,6 +51,10 @@ def inspect_header(data: bytes, max_pixels: int) -> tuple:
 def decode(data: bytes, color: str, max_pixels: int) -> torch.Tensor:
     """Decode one image to a uint8 CxHxW tensor (C=3 for rgb, 1 for grayscale), EXIF-rotated."""
     fmt, _, _ = inspect_header(data, max_pixels)
+    if fmt == "PNG":
+        # torchvision 0.29's decode_png kills the process (SIGSEGV) on any libpng error, such as
+        # a bad CRC or corrupt compressed data; PIL raises instead.
+        return decode_with_pil(data, fmt, color)
     mode = ImageReadMode.RGB if color == "rgb" else ImageReadMode.GRAY
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
@@ -64,12 +69,41 @@ def decode(data: bytes, color: str, max_pixels: int) -> torch.Tensor:
     if image.shape[0] != channels:  # decoders that ignore the mode (GIF)
         image = image[:3] if image.shape[0] >= 3 else image[:1].expand(3, -1, -1)
         if channels == 1:
-            image = F.rgb_to_grayscale(image)
+            image = gray_of(image)
     return image
+
+
+def gray_of(rgb: torch.Tensor) -> torch.Tensor:
+    """Luma of a uint8 RGB image, rounded: torchvision's uint8 path truncates, which turns every
+    gray pixel (v, v, v) into v - 1."""
+    return F.rgb_to_grayscale(rgb.to(torch.float32)).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def decode_with_pil(data: bytes, fmt: str, color: str) -> torch.Tensor:
+    """Decode with PIL to a uint8 CxHxW tensor, EXIF-rotated; 16-bit samples keep their high byte
+    (as torchvision's to_dtype(uint8, scale=True) does)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()  # every chunk's CRC: PIL's decoder does not check the pixel data's
+        with Image.open(io.BytesIO(data)) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I"):  # 16-bit grayscale
+                img = Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).astype(np.uint8), "L")
+            img = img.convert("RGB" if color == "rgb" else "L")
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL's assorted decode errors
+        raise BadInput(f"{fmt} image could not be decoded: {exc}") from None
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8))
+    return pixels.permute(2, 0, 1).contiguous() if pixels.ndim == 3 else pixels.unsqueeze(0)
 
 
 def resize_and_crop(image: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
     """Shorter side to ``resize`` (antialiased), then the centre ``crop`` x ``crop`` square."""
+    height, width = image.shape[-2:]
+    short, long = min(height, width), max(height, width)
+    if long > 2 * short:
+        # Only the centre survives the crop: cut the long side to twice the short one first, so
+        # that a 1x50000 image costs what a 1x2 one does (resizing it whole would take gigabytes).
+        image = F.center_crop(image, [2 * short, width] if height > width else [height, 2 * short])
     image = F.resize(image, [resize], antialias=True)
     return F.center_crop(image, [crop, crop])
 
