@@ -1,5 +1,6 @@
 """`make bench`: ResNet-18 in-process vs served by this project vs TorchServe's stock handler, then
-every archive variant (fp32, amp, int8, compiled, onnx) of ResNet-18 and digits, side by side.
+every archive variant of every catalog model (image: ResNet-18 and digits; text: MiniLM; tabular:
+diabetes), in-process and served, side by side.
 
 Foundation table: the same weights and the same two photographs for all of
   (a) in-process: the handler's own stages (wire -> vision -> runtime -> outputs) in this process,
@@ -9,11 +10,14 @@ Foundation table: the same weights and the same two photographs for all of
       one worker per CPU core), given the fp32 state_dict from resnet18.mar (or, where that
       archive holds a transformed model, from the eager variant's archive);
   (d) the same stock archive with (b)'s batching and workers.
-Variants tables: one row per archive of ResNet-18 (on the photographs) and of digits (on held-out
-digits), each measured in-process as (a) is, through the runtime its own model-config.yaml names
-(eager, autocast, TorchScript, int8, ONNX Runtime), and served as (b) is, with the catalog's
-serving settings for that entry; plus the fidelity figures the build measured (handler.meta).
-The fp32 ResNet-18 row is (a) and (b) themselves: the same archive, measured once.
+Variants tables: one per catalog model, one row per archive (fp32 and each variant), each
+measured in-process as (a) is, through the runtime its own model-config.yaml names (eager,
+autocast, TorchScript, int8, ONNX Runtime), and served as (b) is, with the catalog's serving
+settings for that entry; plus the fidelity figures the build measured (handler.meta). Inputs are
+real: the photographs (ResNet-18), held-out digits, the fidelity sentences (MiniLM), held-out
+diabetes rows. One request carries one item (image, text or row) so that TorchServe batches
+them; a row's items/s is also its requests/s. The fp32 ResNet-18 row is (a) and (b) themselves:
+the same archive, measured once.
 
 All in-process rows run first, before the server starts, so that they have the cores to themselves.
 Then one TorchServe serves the served rows one after the other: each is registered, loaded by
@@ -22,7 +26,11 @@ Only 200 answers inside the measured window count; the rest are reported as erro
 fails (an archive that does not load, say) is reported as failed and the others still run.
 
     python -m scripts.bench [--seconds 15] [--in-process-seconds 10] [--concurrency 16] [--warmup 2]
-                            [--only a,b,c,d] [--variants fp32,amp,int8,compiled,onnx] [--skip-variants]
+                            [--families image,text,tabular] [--only a,b,c,d]
+                            [--variants fp32,amp,int8,compiled,onnx,bf16] [--skip-variants]
+
+--families picks the tables: the foundation table and ResNet-18/digits are the image family, so
+`--families text,tabular` measures only the text and tabular rows.
 
 Results: tables on stdout, build/bench/latest.json and build/bench/latest.md.
 """
@@ -58,8 +66,8 @@ import yaml  # noqa: E402
 from handler_kit import runtime  # noqa: E402
 from handler_kit.config import parse_image_classifier  # noqa: E402
 
-from models import sample_data  # noqa: E402
-from scripts.catalog import MODEL_STORE, Catalog, ModelEntry, load_catalog  # noqa: E402
+from models import sample_data, sentences  # noqa: E402
+from scripts.catalog import FAMILIES, MODEL_STORE, Catalog, ModelEntry, load_catalog  # noqa: E402
 from scripts.in_process import load_service  # noqa: E402
 from scripts.ts_server import TorchServe  # noqa: E402
 
@@ -85,10 +93,13 @@ class ImageClassifier(ResNet):
     def __init__(self):
         super().__init__(BasicBlock, [2, 2, 2, 2])
 '''
-# Catalog models with a variants table, and whether their rows are served too (digits are cheap
-# to serve and show TorchServe's per-request cost when the model itself costs almost nothing).
-VARIANT_TABLES = {"resnet18": True, "digits": True}
 IN_PROCESS, SERVED = "in-process", "served"
+# What one item of each family is called in the tables (one request carries one item).
+ITEM_UNITS = {"image": "img", "text": "texts", "tabular": "rows"}
+ITEM_NOUNS = {"image": "image", "text": "text", "tabular": "row"}
+# How clients send each family's items; the worker decodes the body by this (see worker_value).
+CONTENT_TYPES = {"image": "application/octet-stream", "text": "text/plain; charset=utf-8",
+                 "tabular": "application/json"}
 # The fp32 ResNet-18 row of the variants table is the foundation's (a) and (b): same archive,
 # same pipeline, same serving settings. It is measured once and shown in both tables.
 FOUNDATION_ALIAS = {IN_PROCESS: "a", SERVED: "b"}
@@ -101,34 +112,42 @@ def log(message: str) -> None:
 # -- results -------------------------------------------------------------------------------------
 @dataclass
 class Measurement:
-    variant: str           # a-d for the foundation table, "<archive name> <mode>" for variant rows
-    images: int = 0
+    variant: str           # a-d for the foundation table, "<archive stem> <mode>" for variant rows
+    items: int = 0         # images, texts or rows answered (one per request)
     seconds: float = 0.0
     latencies_ms: List[float] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)
     latency_unit: str = "request"
+    unit: str = "img"      # what an item is in the tables: img, texts, rows
     settings: dict = field(default_factory=dict)
-    top1: Dict[str, str] = field(default_factory=dict)
+    answers: Dict[str, str] = field(default_factory=dict)  # sample name -> answer_summary
     first_error: Optional[str] = None
     foreign_cpu_cores: Optional[float] = None  # CPU used by other programs while measuring
     failure: Optional[str] = None               # the row could not be measured at all
 
     @property
     def throughput(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+        return self.items / self.seconds if self.seconds > 0 else 0.0
 
     def percentile(self, q: float) -> Optional[float]:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
 
     def summary(self) -> dict:
-        return {"title": TITLES.get(self.variant, self.variant),
-                "throughput_img_s": round(self.throughput, 2),
-                "p50_ms": _round(self.percentile(50)), "p99_ms": _round(self.percentile(99)),
-                "latency_of": self.latency_unit, "images_ok": self.images,
-                "measured_s": round(self.seconds, 3), "errors": sum(self.errors.values()),
-                "errors_by_kind": {str(k): v for k, v in self.errors.items()},
-                "first_error": self.first_error, "foreign_cpu_cores": _round(self.foreign_cpu_cores, 2),
-                "failure": self.failure, "settings": self.settings, "top1": self.top1}
+        throughput = round(self.throughput, 2)
+        # One item per request, so requests/s is items/s.
+        out = {"title": TITLES.get(self.variant, self.variant), "unit": self.unit,
+               "throughput_items_s": throughput, "requests_s": throughput,
+               "p50_ms": _round(self.percentile(50)), "p99_ms": _round(self.percentile(99)),
+               "latency_of": self.latency_unit, "items_ok": self.items,
+               "measured_s": round(self.seconds, 3), "errors": sum(self.errors.values()),
+               "errors_by_kind": {str(k): v for k, v in self.errors.items()},
+               "first_error": self.first_error, "foreign_cpu_cores": _round(self.foreign_cpu_cores, 2),
+               "failure": self.failure, "settings": self.settings, "answers": self.answers}
+        if self.unit == ITEM_UNITS["image"]:
+            # The image rows' names from before the text and tabular rows (scripts/kserve.py reads
+            # throughput_img_s).
+            out.update(throughput_img_s=throughput, images_ok=self.items, top1=self.answers)
+        return out
 
 
 def _round(value: Optional[float], digits: int = 1) -> Optional[float]:
@@ -145,7 +164,18 @@ def top1_label(body) -> str:
     return f"unexpected answer {str(body)[:60]}"
 
 
-def attempt(key: str, measure: Callable[[], Measurement]) -> Measurement:
+def answer_summary(body) -> str:
+    """One answer, short enough to compare in-process with served: an image classifier's top-1
+    label, a text embedding's size and first values, a tabular regressor's predictions."""
+    if isinstance(body, dict) and isinstance(body.get("embeddings"), list) and body["embeddings"]:
+        vector = body["embeddings"][0]
+        return f"{len(vector)}-d [{', '.join(f'{v:.4f}' for v in vector[:3])}, ...]"
+    if isinstance(body, dict) and isinstance(body.get("predictions"), list):
+        return ", ".join(f"{v:.2f}" for v in body["predictions"])
+    return top1_label(body)
+
+
+def attempt(key: str, measure: Callable[[], Measurement], unit: str = "img") -> Measurement:
     """One row's measurement. A row that raises is reported as failed instead of ending the run:
     the rows already measured (minutes of work) and the rows after it are still worth having."""
     try:
@@ -153,7 +183,7 @@ def attempt(key: str, measure: Callable[[], Measurement]) -> Measurement:
     except Exception as exc:  # noqa: BLE001 - any failure of one row is that row's result
         reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
         log(f"({key}) FAILED: {reason}")
-        return Measurement(key, failure=reason)
+        return Measurement(key, failure=reason, unit=unit)
 
 
 # -- CPU contention ------------------------------------------------------------------------------
@@ -210,8 +240,33 @@ def load_digits(count: int = 8) -> Dict[str, bytes]:
             for n, (pixels, label) in enumerate(zip(images[:count], labels[:count]))}
 
 
-# What clients send each catalog model.
-INPUTS = {"resnet18": load_photos, "digits": load_digits}
+def load_sentences() -> Dict[str, bytes]:
+    """The fidelity gate's real sentences (short, of varied length), one UTF-8 text body each."""
+    return {f"sentence_{n}": text.encode("utf-8") for n, text in enumerate(sentences.fidelity_sentences())}
+
+
+def load_diabetes_rows() -> Dict[str, bytes]:
+    """Held-out diabetes rows, each a JSON list of the 10 features in the data set's own units."""
+    from models.tabular import diabetes_split
+    _, _, rows, _, _ = diabetes_split()
+    # str() of a float32 is its shortest round-trip decimal (32.1, not 32.099998474121094).
+    return {f"row_{n}": json.dumps([float(str(v)) for v in row]).encode("utf-8")
+            for n, row in enumerate(rows)}
+
+
+# What clients send each catalog model; a model without an entry here gets no table.
+INPUTS = {"resnet18": load_photos, "digits": load_digits, "minilm": load_sentences,
+          "diabetes": load_diabetes_rows}
+
+
+def worker_value(body: bytes, content_type: str):
+    """The body as TorchServe's worker hands it to the handler (ts/protocol/otf_message_handler.py,
+    _retrieve_input_data): application/json parsed, text/* decoded, anything else raw bytes."""
+    if content_type == "application/json":
+        return json.loads(body.decode("utf-8"))
+    if content_type.startswith("text"):
+        return body.decode("utf-8")
+    return body
 
 
 def extract_archive(mar_path: str, out_dir: str, names: Optional[Sequence[str]] = None) -> str:
@@ -241,8 +296,8 @@ def importable(folder: str):
 # -- in-process rows -----------------------------------------------------------------------------
 class InProcessPipeline:
     """The archive's own handler, loaded by TorchServe's model loader and called stage by stage
-    (preprocess, inference, postprocess) on raw bodies: what the worker runs, without HTTP, the
-    frontend's batching or the worker's socket."""
+    (preprocess, inference, postprocess) on request bodies decoded as the worker decodes them: what
+    the worker runs, without HTTP, the frontend's batching or the worker's socket."""
 
     def __init__(self, archive_dir: str, model_config: dict):
         with importable(archive_dir):
@@ -250,13 +305,20 @@ class InProcessPipeline:
             service = load_service(archive_dir, batch_size=model_config.get("batchSize", 1),
                                    gpu_id=0 if torch.cuda.is_available() else None)
         self.handler = service._entry_point.__self__
-        self.config, self.device = self.handler.config, self.handler.device
+        self.device = self.handler.device
         self.threads = torch.get_num_threads()  # the handler applied its thread budget
-        self.channels_last = self.handler.channels_last
 
-    def __call__(self, bodies: Sequence[bytes]) -> list:
+    def settings(self) -> dict:
+        """How the handler runs the model, as it reports itself to the management API (without
+        its meta, which is the build's), plus the thread count and, for images, the memory layout."""
+        described = {k: v for k, v in self.handler.describe_handle().items() if k != "meta"}
+        layout = getattr(self.handler, "channels_last", None)
+        return {"threads": self.threads, "device": str(self.device), **described,
+                **({} if layout is None else {"channels_last": layout})}
+
+    def __call__(self, values: Sequence) -> list:
         handler = self.handler
-        answers = handler.postprocess(handler.inference(handler.preprocess([{"body": b} for b in bodies])))
+        answers = handler.postprocess(handler.inference(handler.preprocess([{"body": v} for v in values])))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return answers
@@ -265,18 +327,17 @@ class InProcessPipeline:
 def measure_in_process(key: str, entry: ModelEntry, bodies: Dict[str, bytes], warmup_s: float,
                        seconds: float, workdir: str) -> Measurement:
     mar_path = os.path.join(MODEL_STORE, entry.mar_name)
-    archive_dir = extract_archive(mar_path, os.path.join(workdir, IN_PROCESS, entry.name))
+    archive_dir = extract_archive(mar_path, os.path.join(workdir, IN_PROCESS, archive_stem(entry)))
     pipeline = InProcessPipeline(archive_dir, read_model_config(mar_path))
     batch_size = entry.serving["batchSize"]
-    samples = list(bodies.values())
+    content_type = CONTENT_TYPES[entry.family]
+    values = {name: worker_value(body, content_type) for name, body in bodies.items()}
+    samples = list(values.values())
     batch = [samples[i % len(samples)] for i in range(batch_size)]
-    cfg = pipeline.config
-    result = Measurement(key, latency_unit=f"batch of {batch_size}",
-                         settings={"archive": entry.mar_name, "batch_size": batch_size,
-                                   "threads": pipeline.threads, "device": str(pipeline.device),
-                                   "format": cfg.model.format, "quantization": cfg.model.quantization,
-                                   "dtype": cfg.runtime.dtype, "channels_last": pipeline.channels_last})
-    result.top1 = {name: pipeline([body])[0][0]["label"] for name, body in bodies.items()}
+    unit = ITEM_UNITS[entry.family]
+    result = Measurement(key, latency_unit=f"batch of {batch_size}", unit=unit,
+                         settings={"archive": entry.mar_name, "batch_size": batch_size, **pipeline.settings()})
+    result.answers = {name: answer_summary(pipeline([value])[0]) for name, value in values.items()}
     log(f"({key}) batch {batch_size}, {pipeline.threads} thread(s) on {pipeline.device}: "
         f"warming up {warmup_s:g} s, then measuring {seconds:g} s")
     run_batches(pipeline, batch, warmup_s)
@@ -286,16 +347,16 @@ def measure_in_process(key: str, entry: ModelEntry, bodies: Dict[str, bytes], wa
     # instructions runs at a few img/s) takes as long as a fast one.
     result.latencies_ms, result.seconds = run_batches(pipeline, batch, seconds)
     result.foreign_cpu_cores = foreign.cores()
-    result.images = len(result.latencies_ms) * batch_size
+    result.items = len(result.latencies_ms) * batch_size
     del pipeline
     gc.collect()  # give the model's memory back before the next row
     shutil.rmtree(archive_dir, ignore_errors=True)
-    log(f"({key}) {result.throughput:.1f} img/s (other programs used "
+    log(f"({key}) {result.throughput:.1f} {unit}/s (other programs used "
         f"{result.foreign_cpu_cores:.2f} cores meanwhile)")
     return result
 
 
-def run_batches(pipeline: InProcessPipeline, batch: List[bytes], seconds: float):
+def run_batches(pipeline: InProcessPipeline, batch: list, seconds: float):
     """Back-to-back batches for ``seconds`` (at least one): per-batch ms and the elapsed time."""
     latencies = []
     started = time.perf_counter()
@@ -314,6 +375,8 @@ class ServedVariant:
     archive: str           # file name in the server's model store
     registration: dict     # management API parameters beyond url and model_name
     inputs: Dict[str, bytes] = field(compare=False, repr=False, default_factory=dict)
+    content_type: str = CONTENT_TYPES["image"]
+    unit: str = ITEM_UNITS["image"]
 
 
 def catalog_registration(entry: ModelEntry) -> dict:
@@ -408,18 +471,19 @@ def register(server: TorchServe, variant: ServedVariant) -> dict:
             "registered_with": variant.registration or "TorchServe defaults"}
 
 
-def served_top1(server: TorchServe, model_name: str, photos: Dict[str, bytes]) -> Dict[str, str]:
+def served_answers(server: TorchServe, variant: ServedVariant) -> Dict[str, str]:
     out = {}
-    for name, body in photos.items():
-        response = server.client.predict_raw(model_name, body)
-        out[name] = (top1_label(response.json()) if response.status_code == 200
+    for name, body in variant.inputs.items():
+        response = server.client.predict_raw(variant.model_name, body, content_type=variant.content_type)
+        out[name] = (answer_summary(response.json()) if response.status_code == 200
                      else f"HTTP {response.status_code}: {response.text[:80]}")
     return out
 
 
 class LoadGenerator:
-    """``concurrency`` threads, each with its own keep-alive session, posting raw image bytes
-    back to back. Answers completed inside [warm-up end, end] are the measurement."""
+    """``concurrency`` threads, each with its own keep-alive session, posting request bodies (one
+    image, text or row each) back to back. Answers completed inside [warm-up end, end] are the
+    measurement."""
 
     def __init__(self, url: str, headers: dict, bodies: Sequence[bytes], concurrency: int,
                  timeout_s: float, foreign: ForeignCpu):
@@ -436,7 +500,7 @@ class LoadGenerator:
         session.headers.update(self.headers)
         self._start.wait()
         measure_to = self.window[1]
-        n = index  # threads start on different images so that all of them are always in flight
+        n = index  # threads start on different inputs so that all of them are always in flight
         while True:
             t0 = time.perf_counter()
             if t0 >= measure_to:
@@ -490,7 +554,7 @@ class LoadGenerator:
         inside = [(ms, status) for t, ms, status in self.records if start <= t <= end]
         result = Measurement(variant, seconds=end - start, first_error=self.first_error)
         result.latencies_ms = [ms for ms, status in inside if status == 200]
-        result.images = len(result.latencies_ms)
+        result.items = len(result.latencies_ms)  # one item per request
         result.errors = Counter(status for _, status in inside if status != 200)
         return result
 
@@ -499,12 +563,12 @@ def measure_served(server: TorchServe, variant: ServedVariant, concurrency: int,
                    seconds: float) -> Measurement:
     settings = register(server, variant)
     try:
-        top1 = served_top1(server, variant.model_name, variant.inputs)
+        answers = served_answers(server, variant)
         log(f"({variant.key}) {settings['workers']} worker(s), batch "
             f"{settings['batch_size']}, delay {settings['max_batch_delay_ms']} ms: {concurrency} "
             f"clients, warming up {warmup_s:g} s, then measuring {seconds:g} s")
         key = server.client.key("inference")
-        headers = {"Content-Type": "application/octet-stream",
+        headers = {"Content-Type": variant.content_type,
                    **({"Authorization": f"Bearer {key}"} if key else {})}
         timeout_s = (settings.get("response_timeout_s") or 120) + 30
         load = LoadGenerator(f"{server.inference_url}/predictions/{variant.model_name}", headers,
@@ -515,8 +579,8 @@ def measure_served(server: TorchServe, variant: ServedVariant, concurrency: int,
         unregister(server, variant.model_name)
     result.settings = {**settings, "archive": variant.archive, "concurrency": concurrency,
                        "model_name": variant.model_name}
-    result.top1 = top1
-    log(f"({variant.key}) {result.throughput:.1f} img/s "
+    result.answers, result.unit = answers, variant.unit
+    log(f"({variant.key}) {result.throughput:.1f} {variant.unit}/s "
         f"(other programs used {result.foreign_cpu_cores:.2f} cores meanwhile)")
     return result
 
@@ -540,7 +604,7 @@ def run_served(entry: ModelEntry, catalog: Catalog, plan: Sequence[ServedVariant
         server.start()
         for variant in plan:
             result = attempt(variant.key, lambda: measure_served(server, variant, args.concurrency,
-                                                                 args.warmup, args.seconds))
+                                                                 args.warmup, args.seconds), variant.unit)
             if result.failure:
                 log(f"server log tail:\n{server.log_tail()}")
             results.append(result)
@@ -558,36 +622,61 @@ def run_served(entry: ModelEntry, catalog: Catalog, plan: Sequence[ServedVariant
 class VariantRow:
     entry: ModelEntry
     in_process_key: str
-    served_key: Optional[str]    # None where the table's rows are not served
+    served_key: str
 
 
 @dataclass(frozen=True)
 class VariantTable:
-    base: ModelEntry             # the catalog model: its own archive is the row speeds compare with
+    base: ModelEntry             # the archive the variants are built from: speeds compare with it
     rows: tuple
 
     @property
-    def metric(self) -> str:     # what the build's fidelity gate measured: agreement | accuracy
+    def metric(self) -> str:     # what the build's fidelity gate measured: agreement | accuracy | ...
         return self.base.fidelity["metric"]
+
+    @property
+    def unit(self) -> str:
+        return ITEM_UNITS[self.base.family]
+
+
+def archive_stem(entry: ModelEntry) -> str:
+    """digits, digits_int8, digits_v2.0: unique per archive, where a model's name is not."""
+    return entry.mar_name[:-len(".mar")]
 
 
 def row_key(entry: ModelEntry, mode: str, foundation: Sequence[str]) -> str:
     alias = FOUNDATION_ALIAS[mode]
     if entry.name == MODEL and alias in foundation:
         return alias
-    return f"{entry.name} {mode}"
+    return f"{archive_stem(entry)} {mode}"
 
 
-def plan_variant_tables(catalog: Catalog, variants: Sequence[str],
-                        foundation: Sequence[str]) -> List[VariantTable]:
-    """One table per catalog model in VARIANT_TABLES, rows in catalog order (fp32 first)."""
+def tabled_models(catalog: Catalog, families: Sequence[str]) -> List[ModelEntry]:
+    """The archive each variants table compares with (model_store/<name>.mar, which the variants
+    are built from), for the catalog models of ``families`` that the benchmark has inputs for."""
+    bases = []
+    for name in dict.fromkeys(e.base for e in catalog.models):
+        base = catalog.archive(name)
+        if base.family not in families:
+            continue
+        if name not in INPUTS:
+            log(f"no benchmark inputs for {name} (INPUTS in scripts/bench.py): no table for it")
+            continue
+        bases.append(base)
+    return bases
+
+
+def plan_variant_tables(catalog: Catalog, variants: Sequence[str], foundation: Sequence[str],
+                        families: Sequence[str]) -> List[VariantTable]:
+    """One table per catalog model of ``families``, rows in catalog order (fp32 first). A model's
+    other versions (digits 2.0) are not variants of it and get no row."""
     tables = []
-    for name, served in VARIANT_TABLES.items():
-        rows = tuple(VariantRow(e, row_key(e, IN_PROCESS, foundation),
-                                row_key(e, SERVED, foundation) if served else None)
-                     for e in catalog.models if e.base == name and e.variant in variants)
+    for base in tabled_models(catalog, families):
+        rows = tuple(VariantRow(e, row_key(e, IN_PROCESS, foundation), row_key(e, SERVED, foundation))
+                     for e in catalog.models
+                     if e.base == base.name and e.version == base.version and e.variant in variants)
         if rows:
-            tables.append(VariantTable(catalog.model(name), rows))
+            tables.append(VariantTable(base, rows))
     return tables
 
 
@@ -603,11 +692,11 @@ def in_process_plan(entry: ModelEntry, foundation: Sequence[str],
 def served_plan(entry: ModelEntry, foundation: Sequence[str], tables: Sequence[VariantTable],
                 inputs: Dict[str, Dict[str, bytes]]) -> List[ServedVariant]:
     """Each served row to measure, the foundation's (b), (c), (d) first."""
-    plan = foundation_served(entry, foundation, inputs[entry.name])
+    plan = foundation_served(entry, foundation, inputs[entry.name]) if foundation else []
     plan += [ServedVariant(row.served_key, row.entry.name, row.entry.mar_name,
-                           catalog_registration(row.entry), inputs[table.base.name])
-             for table in tables for row in table.rows
-             if row.served_key and row.served_key not in ALL_VARIANTS]
+                           catalog_registration(row.entry), inputs[table.base.name],
+                           CONTENT_TYPES[table.base.family], table.unit)
+             for table in tables for row in table.rows if row.served_key not in ALL_VARIANTS]
     return plan
 
 
@@ -637,37 +726,61 @@ def archive_fidelity(entry: ModelEntry, handler: dict) -> dict:
     figures = {"reference": True}
     if "heldout_accuracy" in meta:
         figures["accuracy"] = meta["heldout_accuracy"]
+    if "heldout_r2" in meta:
+        figures["r2"] = meta["heldout_r2"]
     return figures
 
 
-def runtime_label(handler: dict) -> str:
-    """How the archive runs, e.g. "torchscript, int8_x86" or "state_dict, bfloat16": the variant
-    names alone do not say what the base archive is."""
-    cfg = parse_image_classifier(handler)
-    extras = [v for v, default in ((cfg.model.quantization, "none"), (cfg.runtime.dtype, "float32"))
-              if v != default]
-    return ", ".join([cfg.model.format, *extras])
+def runtime_label(family: str, handler: dict) -> str:
+    """How the archive runs, e.g. "torchscript, int8_x86", "state_dict, bfloat16" or "eager,
+    dynamic_int8": the variant names alone do not say what the base archive is."""
+    if family == "image":
+        cfg = parse_image_classifier(handler)
+        extras = [v for v, default in ((cfg.model.quantization, "none"), (cfg.runtime.dtype, "float32"))
+                  if v != default]
+        return ", ".join([cfg.model.format, *extras])
+    # Text and tabular variants are runtime options on the same eager model (the handlers'
+    # defaults: float32, no quantization).
+    runtime_cfg = handler.get("runtime") or {}
+    extras = [runtime_cfg[k] for k, default in (("quantization", "none"), ("dtype", "float32"))
+              if runtime_cfg.get(k, default) != default]
+    return ", ".join(["eager", *extras])
 
 
 def variant_report(table: VariantTable, results: Dict[str, Measurement]) -> List[dict]:
     """The variants table's rows, for the JSON and the markdown alike."""
-    fp32_served = next((results.get(r.served_key) for r in table.rows if r.entry.variant == "fp32"), None)
+    fp32 = next((r for r in table.rows if r.entry.variant == "fp32"), None)
+    fp32_in_process = results.get(fp32.in_process_key) if fp32 else None
+    fp32_served = results.get(fp32.served_key) if fp32 else None
     report = []
     for row in table.rows:
         in_process, served = results.get(row.in_process_key), results.get(row.served_key)
         handler = read_model_config(os.path.join(MODEL_STORE, row.entry.mar_name))["handler"]
         report.append({
-            "variant": row.entry.variant, "archive": row.entry.mar_name,
-            "runtime": runtime_label(handler),
+            "variant": row.entry.variant, "archive": row.entry.mar_name, "family": table.base.family,
+            "runtime": runtime_label(table.base.family, handler),
             "in_process": in_process.summary() if in_process else None,
             "served": served.summary() if served else None,
             "served_over_in_process": _round(ratio(served, in_process), 3),
             "speed_vs_fp32_served": _round(ratio(served, fp32_served), 3),
+            "speed_vs_fp32_in_process": _round(ratio(in_process, fp32_in_process), 3),
             "fidelity": archive_fidelity(row.entry, handler)})
     return report
 
 
 def fidelity_cell(metric: str, figures: dict) -> str:
+    if metric == "embedding":
+        if figures.get("reference"):
+            return "reference"
+        if "min_cosine" not in figures:
+            return "-"
+        lossy = " (lossy)" if figures.get("lossy") else ""
+        return f"{figures['min_cosine']:.5f}, {figures['mean_cosine']:.5f}, {figures['pair_order']:.2f}{lossy}"
+    if metric == "regression":
+        if "r2" not in figures:
+            return "-"
+        drop = "reference" if figures.get("reference") else f"drop {figures['r2_drop']:.4f}"
+        return f"{figures['r2']:.4f} ({drop})"
     if metric == "accuracy":
         if "accuracy" not in figures:
             return "-"
@@ -681,11 +794,14 @@ def fidelity_cell(metric: str, figures: dict) -> str:
 
 
 FIDELITY_HEADERS = {"agreement": "fidelity (top-1 agreement, mean cosine)",
-                    "accuracy": "held-out accuracy (drop vs fp32)"}
+                    "accuracy": "held-out accuracy (drop vs fp32)",
+                    "embedding": "fidelity (min cosine, mean cosine to fp32, paraphrase order)",
+                    "regression": "held-out R^2 (drop vs fp32)"}
 
 
 def header_markdown(header: dict) -> List[str]:
-    return [f"ResNet-18, {header['seconds']:g} s per served row and {header['in_process_seconds']:g} s "
+    return [f"{', '.join(header['models'])}: {header['seconds']:g} s per served row and "
+            f"{header['in_process_seconds']:g} s "
             f"per in-process row after {header['warmup']:g} s warm-up, concurrency "
             f"{header['concurrency']}, {header['cpu_count']} CPU cores, {header['started']}",
             f"Machine: {header['machine']}; torch {header['torch']}, onnxruntime "
@@ -716,16 +832,16 @@ def foundation_markdown(results: Dict[str, Measurement], ratio_rows: List[dict])
                      "served latencies are per request, measured by the client.")
     for key in ALL_VARIANTS:
         if key in results:
-            lines.append(f"- {key}: settings {results[key].settings}; top-1 {results[key].top1}")
+            lines.append(f"- {key}: settings {results[key].settings}; top-1 {results[key].answers}")
     return lines + [""]
 
 
 def variants_markdown(table: VariantTable, report: List[dict], results: Dict[str, Measurement],
                       concurrency: int) -> List[str]:
-    base = table.base
+    base, unit = table.base, table.unit
     lines = [f"Variants of {base.name} (model_store/{base.name}[_<variant>].mar; in-process batch "
              f"{base.serving['batchSize']}, served with the catalog's serving settings):", "",
-             f"| variant | in-process img/s | served img/s (concurrency {concurrency}) | p50 ms | "
+             f"| variant | in-process {unit}/s | served {unit}/s (concurrency {concurrency}) | p50 ms | "
              f"p99 ms | served/in-process | speed vs fp32 served | {FIDELITY_HEADERS[table.metric]} |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for row, figures in zip(table.rows, report):
@@ -737,13 +853,14 @@ def variants_markdown(table: VariantTable, report: List[dict], results: Dict[str
             f"{_fmt(figures['served_over_in_process'], 2)} | {_fmt(figures['speed_vs_fp32_served'], 2)} | "
             f"{fidelity_cell(table.metric, figures['fidelity'])} |")
     lines.append("")
-    keys = [k for row in table.rows for k in (row.in_process_key, row.served_key) if k]
+    keys = [k for row in table.rows for k in (row.in_process_key, row.served_key)]
     failed = [f"- {k}: FAILED {results[k].failure}" for k in keys if k in results and results[k].failure]
     errors = [f"- {k}: {_errors(results[k])} errors, first: {results[k].first_error}"
               for k in keys if k in results and results[k].errors]
     lines += failed + errors + ([""] if failed or errors else [])
     lines += contention_notes(results, keys)
-    lines.append("p50/p99 are the served latencies per request, measured by the client; fidelity "
+    lines.append(f"One request carries one {ITEM_NOUNS[base.family]}: served {unit}/s is also requests/s. "
+                 "p50/p99 are the served latencies per request, measured by the client; fidelity "
                  "figures are the build's (handler.meta.fidelity in each archive).")
     shared = sorted(set(keys) & set(ALL_VARIANTS))
     if shared:
@@ -754,7 +871,9 @@ def variants_markdown(table: VariantTable, report: List[dict], results: Dict[str
 
 def markdown(results: Dict[str, Measurement], ratio_rows: List[dict],
              tables: Sequence[VariantTable], reports: Dict[str, List[dict]], header: dict) -> str:
-    lines = header_markdown(header) + foundation_markdown(results, ratio_rows)
+    lines = header_markdown(header)
+    if any(k in results for k in ALL_VARIANTS):
+        lines += foundation_markdown(results, ratio_rows)
     for table in tables:
         lines += variants_markdown(table, reports[table.base.name], results, header["concurrency"])
     return "\n".join(lines)
@@ -832,13 +951,16 @@ def write_results(results: Dict[str, Measurement], ratio_rows: List[dict],
 # -- main ----------------------------------------------------------------------------------------
 def parse_args(argv, variant_names: Sequence[str]):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # 15 s and 10 s keep the whole default run (4 foundation rows, 2 x 5 variant rows) near
-    # 10 minutes on a 2-core machine; the rates are stable well within that.
+    # 15 s and 10 s keep the whole default run (4 foundation rows, 2 x 5 image variant rows, 3 text
+    # and 2 tabular rows) near 12 minutes on a 2-core machine; the rates are stable well within that.
     parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per served row")
     parser.add_argument("--in-process-seconds", type=float, default=10.0,
                         help="measured seconds per in-process row (steadier: no queueing or HTTP)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each")
     parser.add_argument("--concurrency", type=int, default=16, help="client threads (served rows)")
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help=f"comma-separated subset of {','.join(FAMILIES)}: the tables to measure "
+                             "(the foundation table is image)")
     parser.add_argument("--only", default=",".join(ALL_VARIANTS),
                         help="comma-separated subset of a,b,c,d (the foundation table)")
     parser.add_argument("--variants", default=",".join(variant_names),
@@ -847,6 +969,7 @@ def parse_args(argv, variant_names: Sequence[str]):
     parser.add_argument("--skip-variants", action="store_true",
                         help="only the foundation table (a)-(d)")
     args = parser.parse_args(argv)
+    args.families = _comma_list(parser, "--families", args.families, FAMILIES)
     args.only = _comma_list(parser, "--only", args.only, ALL_VARIANTS)
     args.variants = _comma_list(parser, "--variants", args.variants, variant_names)
     if args.seconds <= 0 or args.in_process_seconds <= 0 or args.warmup < 0 or args.concurrency < 1:
@@ -863,8 +986,8 @@ def _comma_list(parser, option: str, value: str, allowed: Sequence[str]) -> List
 
 
 def variant_names(catalog: Catalog) -> List[str]:
-    """fp32 and the catalog's variants of the tabled models, in catalog order."""
-    names = [e.variant for e in catalog.models if e.base in VARIANT_TABLES]
+    """fp32 and the catalog's variants of the models the benchmark has inputs for, in catalog order."""
+    names = [e.variant for e in catalog.models if e.base in INPUTS]
     return list(dict.fromkeys(names))
 
 
@@ -873,29 +996,42 @@ def main(argv=None) -> int:
     args = parse_args(argv, variant_names(catalog))
     started = time.perf_counter()
     entry = catalog.model(MODEL)
-    tables = [] if args.skip_variants else plan_variant_tables(catalog, args.variants, args.only)
-    needed = [entry.mar_name, *(row.entry.mar_name for t in tables for row in t.rows)]
+    # The foundation table is ResNet-18's: image family.
+    foundation = args.only if "image" in args.families else []
+    tables = [] if args.skip_variants else plan_variant_tables(catalog, args.variants, foundation,
+                                                               args.families)
+    needed = [entry.mar_name] if foundation else []
+    needed += [row.entry.mar_name for t in tables for row in t.rows]
+    if not needed:
+        log(f"nothing to measure for --families {','.join(args.families)}"
+            f"{' with --skip-variants' if args.skip_variants else ''}")
+        return 1
     missing = [name for name in needed if not os.path.isfile(os.path.join(MODEL_STORE, name))]
     if missing:
         log(f"model_store/ lacks {', '.join(missing)}: run `make build` first")
         return 1
-    inputs = {name: INPUTS[name]() for name in dict.fromkeys([MODEL, *(t.base.name for t in tables)])}
-    in_process = in_process_plan(entry, args.only, tables)
-    served = served_plan(entry, args.only, tables, inputs)
+    models = list(dict.fromkeys([*([MODEL] if foundation else []), *(t.base.name for t in tables)]))
+    inputs = {name: INPUTS[name]() for name in models}
+    in_process = in_process_plan(entry, foundation, tables)
+    served = served_plan(entry, foundation, tables, inputs)
     log(f"{len(in_process)} in-process row(s), then {len(served)} served row(s) on one TorchServe")
     header = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "seconds": args.seconds, "in_process_seconds": args.in_process_seconds,
               "warmup": args.warmup, "concurrency": args.concurrency,
               "cpu_count": os.cpu_count(), "machine": machine_description(),
               "torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
-              "python": platform.python_version(), "photos": list(inputs[MODEL])}
+              "python": platform.python_version(), "families": args.families, "models": models,
+              "inputs": {name: len(bodies) for name, bodies in inputs.items()}}
+    if MODEL in inputs:
+        header["photos"] = list(inputs[MODEL])
     results: Dict[str, Measurement] = {}
     workdir = tempfile.mkdtemp(prefix="ts-bench-")
     completed = False
     try:
         for key, row_entry in in_process:
             results[key] = attempt(key, lambda: measure_in_process(
-                key, row_entry, inputs[row_entry.base], args.warmup, args.in_process_seconds, workdir))
+                key, row_entry, inputs[row_entry.base], args.warmup, args.in_process_seconds, workdir),
+                ITEM_UNITS[row_entry.family])
         if served:
             results.update((r.variant, r) for r in run_served(entry, catalog, served, args, workdir))
         completed = True

@@ -392,8 +392,9 @@ def served_throughputs(bench: dict, entries: Sequence[ModelEntry]) -> Dict[str, 
     for rows in (bench.get("archive_variants") or {}).values():
         for row in rows:
             served = row.get("served") or {}
-            if row.get("archive") in archives and served.get("throughput_img_s"):
-                out[archives[row["archive"]]] = float(served["throughput_img_s"])
+            throughput = served.get("throughput_items_s") or served.get("throughput_img_s")
+            if row.get("archive") in archives and throughput:
+                out[archives[row["archive"]]] = float(throughput)
     return out
 
 
