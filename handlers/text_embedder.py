@@ -13,7 +13,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler_kit import batching, runtime, serving, text
-from handler_kit.errors import ConfigError
+from handler_kit.config import check_dynamic_int8_worker
 from handler_kit.text_config import parse_text_embedder
 
 logger = logging.getLogger(__name__)
@@ -25,9 +25,7 @@ class TextEmbedderHandler(BaseHandler):
         self.config = parse_text_embedder((context.model_yaml_config or {}).get("handler"))
         cfg = self.config
         self.device, _ = serving.place_worker(cfg.runtime, context)
-        if cfg.runtime.quantization == "dynamic_int8" and self.device.type != "cpu":
-            raise ConfigError(f"handler.runtime.quantization dynamic_int8 runs on CPU only, but the worker "
-                              f"was given {self.device}; set handler.runtime.device: cpu, or quantization: none")
+        check_dynamic_int8_worker(cfg.runtime.quantization, self.device)
         folder = os.path.join(properties.get("model_dir"), cfg.model_path)
         self.tokenizer, self.model = text.load_tokenizer_and_model(folder, self.device)
         text.check_max_length(cfg.max_length, self.tokenizer, self.model)

@@ -114,11 +114,38 @@ def flag(section: dict, key: str, default: bool, where: str) -> bool:
     return value
 
 
+def threads_setting(section: dict) -> Optional[int]:
+    """handler.runtime.threads: 'auto' (None: cores / workers of the model) or a positive int."""
+    threads = section.get("threads", "auto")
+    return None if threads == "auto" else positive_int(threads, "handler.runtime.threads")
+
+
+def meta_section(section: dict) -> dict:
+    meta = section.get("meta", {}) or {}
+    if not isinstance(meta, dict):
+        raise ConfigError("model-config.yaml: 'handler.meta' must be a mapping")
+    return meta
+
+
+def check_dynamic_int8_device(quantization: str, device: str) -> None:
+    """Dynamic int8 (text, tabular) runs on CPU only: refuse a configured cuda device."""
+    if quantization == "dynamic_int8" and device == "cuda":
+        raise ConfigError("model-config.yaml: 'handler.runtime.quantization' dynamic_int8 runs on CPU "
+                          "only, but 'handler.runtime.device' is 'cuda'; use device cpu (or auto "
+                          "without a GPU), or quantization none")
+
+
+def check_dynamic_int8_worker(quantization: str, device) -> None:
+    """The same at load, for the device TorchServe actually gave the worker (auto -> a GPU)."""
+    if quantization == "dynamic_int8" and device.type != "cpu":
+        raise ConfigError(f"handler.runtime.quantization dynamic_int8 runs on CPU only, but the worker "
+                          f"was given {device}; set handler.runtime.device: cpu, or quantization: none")
+
+
 def parse_runtime(section) -> RuntimeSpec:
     s = check_keys(section or {}, ("device", "dtype", "channels_last", "threads", "compile"),
                     "handler.runtime")
-    threads = s.get("threads", "auto")
-    threads = None if threads == "auto" else positive_int(threads, "handler.runtime.threads")
+    threads = threads_setting(s)
     return RuntimeSpec(device=choice(s.get("device", "auto"), DEVICES, "handler.runtime.device"),
                        dtype=choice(s.get("dtype", "float32"), DTYPES, "handler.runtime.dtype"),
                        channels_last=flag(s, "channels_last", True, "handler.runtime"),
@@ -160,9 +187,7 @@ def parse_image(section) -> ImageSpec:
 def parse_image_classifier(handler_section) -> ImageClassifierConfig:
     """Validate the ``handler:`` section of model-config.yaml for the image classifier."""
     s = check_keys(handler_section, ("model", "image", "runtime", "labels", "topk", "meta"), "handler")
-    meta = s.get("meta", {}) or {}
-    if not isinstance(meta, dict):
-        raise ConfigError("model-config.yaml: 'handler.meta' must be a mapping")
+    meta = meta_section(s)
     model, rt = parse_model(require(s, "model", "handler")), parse_runtime(s.get("runtime"))
     check_model_runtime(model, rt)
     return ImageClassifierConfig(model=model, image=parse_image(require(s, "image", "handler")),

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from handler_kit import runtime, wire
+from handler_kit.config import check_dynamic_int8_worker
 from handler_kit.errors import BadInput, ConfigError, PayloadTooLarge
 from handler_kit.text import quantize_dynamic_int8, split_counts  # shared with the text stages
 
@@ -156,9 +157,7 @@ class Regressor:
 def load_regressor(path: str, model_spec, device: torch.device, quantization: str = "none") -> Regressor:
     """Checkpoint -> model checked against its features -> optionally dynamic int8 (CPU only).
     ``model_spec``: handler.model (module, factory, kwargs) from tabular_config."""
-    if quantization == "dynamic_int8" and device.type != "cpu":
-        raise ConfigError(f"handler.runtime.quantization dynamic_int8 runs on CPU only, but the worker "
-                          f"was given {device}; set handler.runtime.device: cpu, or quantization: none")
+    check_dynamic_int8_worker(quantization, device)
     state_dict, params, version = load_checkpoint(path, device)
     model = build_model(model_spec.module, model_spec.factory, model_spec.kwargs, state_dict, device)
     check_model_fits(model, len(params.feature_names), device)

@@ -7,7 +7,8 @@ configuration or its checkpoint, and a wrong key fails the load naming it and wh
 from dataclasses import dataclass, field
 from typing import Optional
 
-from handler_kit.config import DEVICES, check_keys, choice, positive_int, require
+from handler_kit.config import (DEVICES, check_dynamic_int8_device, check_keys, choice, meta_section,
+                                positive_int, require, threads_setting)
 from handler_kit.errors import ConfigError
 
 TABULAR_QUANTIZATIONS = ("none", "dynamic_int8")
@@ -48,26 +49,20 @@ def parse_tabular_model(section) -> TabularModelSpec:
 
 def parse_tabular_runtime(section) -> TabularRuntimeSpec:
     s = check_keys(section or {}, ("device", "quantization", "threads"), "handler.runtime")
-    threads = s.get("threads", "auto")
-    threads = None if threads == "auto" else positive_int(threads, "handler.runtime.threads")
+    threads = threads_setting(s)
     spec = TabularRuntimeSpec(
         device=choice(s.get("device", "auto"), DEVICES, "handler.runtime.device"),
         quantization=choice(s.get("quantization", "none"), TABULAR_QUANTIZATIONS,
                             "handler.runtime.quantization"),
         threads=threads)
-    if spec.quantization == "dynamic_int8" and spec.device == "cuda":
-        raise ConfigError("model-config.yaml: 'handler.runtime.quantization' dynamic_int8 runs on CPU "
-                          "only, but 'handler.runtime.device' is 'cuda'; use device cpu (or auto "
-                          "without a GPU), or quantization none")
+    check_dynamic_int8_device(spec.quantization, spec.device)
     return spec
 
 
 def parse_tabular_regressor(handler_section) -> TabularRegressorConfig:
     """Validate the ``handler:`` section of model-config.yaml for the tabular regressor."""
     s = check_keys(handler_section, ("model", "max_rows", "runtime", "meta"), "handler")
-    meta = s.get("meta", {}) or {}
-    if not isinstance(meta, dict):
-        raise ConfigError("model-config.yaml: 'handler.meta' must be a mapping")
+    meta = meta_section(s)
     return TabularRegressorConfig(model=parse_tabular_model(require(s, "model", "handler")),
                                   max_rows=positive_int(s.get("max_rows", 1024), "handler.max_rows"),
                                   runtime=parse_tabular_runtime(s.get("runtime")),

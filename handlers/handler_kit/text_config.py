@@ -6,7 +6,8 @@ configuration, and a wrong key fails the load with a message naming it and what 
 from dataclasses import dataclass
 from typing import Optional
 
-from handler_kit.config import DEVICES, check_keys, choice, positive_int, require
+from handler_kit.config import (DEVICES, check_dynamic_int8_device, check_keys, choice, meta_section,
+                                positive_int, require, threads_setting)
 from handler_kit.errors import ConfigError
 
 TEXT_DTYPES = ("float32", "bfloat16")
@@ -33,18 +34,14 @@ class TextEmbedderConfig:
 
 def parse_text_runtime(section) -> TextRuntimeSpec:
     s = check_keys(section or {}, ("device", "dtype", "quantization", "threads"), "handler.runtime")
-    threads = s.get("threads", "auto")
-    threads = None if threads == "auto" else positive_int(threads, "handler.runtime.threads")
+    threads = threads_setting(s)
     spec = TextRuntimeSpec(
         device=choice(s.get("device", "auto"), DEVICES, "handler.runtime.device"),
         dtype=choice(s.get("dtype", "float32"), TEXT_DTYPES, "handler.runtime.dtype"),
         quantization=choice(s.get("quantization", "none"), TEXT_QUANTIZATIONS,
                              "handler.runtime.quantization"),
         threads=threads)
-    if spec.quantization == "dynamic_int8" and spec.device == "cuda":
-        raise ConfigError("model-config.yaml: 'handler.runtime.quantization' dynamic_int8 runs on CPU "
-                          "only, but 'handler.runtime.device' is 'cuda'; use device cpu (or auto "
-                          "without a GPU), or quantization none")
+    check_dynamic_int8_device(spec.quantization, spec.device)
     if spec.quantization == "dynamic_int8" and spec.dtype != "float32":
         # int8 Linear layers compute in float32; autocast on top would only add casts.
         raise ConfigError("model-config.yaml: 'handler.runtime.quantization' dynamic_int8 needs "
@@ -57,9 +54,7 @@ def parse_text_embedder(handler_section) -> TextEmbedderConfig:
     s = check_keys(handler_section, ("model", "max_length", "max_chars", "max_texts", "runtime", "meta"),
                     "handler")
     model = check_keys(require(s, "model", "handler"), ("path",), "handler.model")
-    meta = s.get("meta", {}) or {}
-    if not isinstance(meta, dict):
-        raise ConfigError("model-config.yaml: 'handler.meta' must be a mapping")
+    meta = meta_section(s)
     return TextEmbedderConfig(
         model_path=str(require(model, "path", "handler.model")),
         max_length=positive_int(s.get("max_length", 256), "handler.max_length"),
