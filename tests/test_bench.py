@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 
+from answers import summaries_close
 from scripts import bench
 
 
@@ -106,7 +107,11 @@ def test_text_and_tabular_rows_in_process_and_served(tmp_path, monkeypatch):
         assert served["requests_s"] == served["throughput_items_s"]
         assert served["settings"]["batch_size"] == 8
         assert len(served["answers"]) == len(inputs)
-        assert served["answers"] == in_process["answers"]
+        # one input at a time both ways, but other threads/kernels: printed summaries may differ
+        # in their last printed decimal (tests/answers.py)
+        assert set(served["answers"]) == set(in_process["answers"])
+        for name, summary in served["answers"].items():
+            assert summaries_close(summary, in_process["answers"][name]), (name, summary)
     table = (tmp_path / "latest.md").read_text(encoding="utf-8")
     assert "| int8 (eager, dynamic_int8) |" in table
     assert "served texts/s" in table and "served rows/s" in table

@@ -13,6 +13,7 @@ import pytest
 from google.protobuf import descriptor_pb2, empty_pb2
 from google.protobuf.message import DecodeError
 
+from answers import assert_answers_close
 from scripts import grpc_client, grpc_stubs
 from scripts.catalog import parse_config_properties
 from scripts.ts_server import TorchServe, check_java
@@ -281,7 +282,7 @@ def test_predictions_agree_with_the_http_api(server, digit_pngs, catalog):
     correct = 0
     for png, label in digit_pngs:
         answer = grpc_client.predict(conn, "digits", png)
-        assert answer == ts.client.predict("digits", png)
+        assert_answers_close(answer, ts.client.predict("digits", png), "gRPC vs HTTP")
         correct += answer[0]["label"] == label
     assert correct >= len(digit_pngs) - 1  # the model's held-out accuracy is about 99%
     png, label = digit_pngs[0]
@@ -378,7 +379,8 @@ def test_stream_predictions_of_a_handler_that_does_not_stream(server, digit_pngs
         png = digit_pngs[0][0]
         worker = grpc_client.describe_model(conn, "digits_stream")[0]["workers"][0]["pid"]
         answers = list(grpc_client.stream_predict(conn, "digits_stream", png))
-        assert answers == [ts.client.predict("digits_stream", png)]
+        assert len(answers) == 1
+        assert_answers_close(answers[0], ts.client.predict("digits_stream", png), "stream vs HTTP")
         assert grpc_client.describe_model(conn, "digits_stream")[0]["workers"][0]["pid"] == worker
     finally:
         grpc_client.unregister_model(conn, "digits_stream")

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import yaml
 
+from answers import answers_close, assert_answers_close
 from tests.ts_harness import infer, load_service
 
 JPEG, PNG, JSON = "image/jpeg", "image/png", "application/json"
@@ -35,7 +36,9 @@ def test_photo_top5_is_the_same_for_every_wire_format(resnet, samples):
     assert len(top5) == 5 and all(set(p) == {"label", "index", "probability"} for p in top5)
     probabilities = [p["probability"] for p in top5]
     assert probabilities == sorted(probabilities, reverse=True)
-    assert results[1][1] == top5 and results[2][1] == top5
+    # three rows of one batch: the same image, so the same answer up to kernel rounding
+    assert_answers_close(results[1][1], top5, "multipart")
+    assert_answers_close(results[2][1], top5, "base64 JSON")
 
 
 def test_digits_accuracy_matches_what_the_archive_records(digits, samples, extracted_archives):
@@ -50,7 +53,9 @@ def test_digits_accuracy_matches_what_the_archive_records(digits, samples, extra
             correct += int(top[0]["label"] == str(label))
     accuracy = correct / len(images)
     assert accuracy >= 0.97
-    assert accuracy == pytest.approx(recorded, abs=1e-4)  # served pixels == training pixels
+    # served pixels == training pixels: the same accuracy, allowing one near-tie image to flip
+    # where batch size or CPU capability moves the last bits (tests/answers.py)
+    assert accuracy == pytest.approx(recorded, abs=1.01 / len(images))
 
 
 def test_bad_request_inside_a_batch_fails_alone(digits, samples):
@@ -63,7 +68,9 @@ def test_bad_request_inside_a_batch_fails_alone(digits, samples):
     assert statuses == [200, 200, 200, 400, 200, 200, 200, 400]
     assert mixed[3][1]["code"] == 400 and "PNG" in mixed[3][1]["message"]
     assert "not valid JSON" in mixed[7][1]["message"]
-    assert [out for status, out in mixed if status == 200] == [out for _, out in alone]
+    together = [out for status, out in mixed if status == 200]
+    assert len(together) == len(alone)
+    assert all(answers_close(t, a) for t, (_, a) in zip(together, alone)), (together, alone)
 
 
 def test_describe_shows_the_archive_meta(digits):

@@ -123,9 +123,10 @@ class RecordingContext:
     """What TorchServe's Context receives from batching.merge, for a batch of ``size`` requests
     that came over HTTP (a url_path header) or gRPC (none)."""
 
-    def __init__(self, size, url_path="/predictions/m"):
+    def __init__(self, size, url_path="/predictions/m", version="2.0"):
         self.request_ids = {i: f"req-{i}" for i in range(size)}
         self.url_path, self.statuses, self.headers = url_path, {}, {}
+        self.manifest = {"model": {"modelName": "m", "modelVersion": version}}
 
     def set_response_status(self, code, phrase, idx):
         self.statuses[idx] = (code, phrase)
@@ -149,7 +150,8 @@ def test_bad_request_does_not_fail_the_batch():
     responses = batching.merge(batch, [r + 1 for r in batch.items], context)
     assert responses[0] == 11 and responses[2] == 31
     assert responses[1]["code"] == 400 and context.statuses == {1: (400, "negative: -2")}
-    assert context.headers == {}  # HTTP answers are not marked as streams
+    # HTTP answers are not marked as streams; each says which version answered, refused or not
+    assert context.headers == {(i, "X-Model-Version"): "2.0" for i in range(3)}
 
 
 def test_grpc_answers_are_marked_as_one_part_streams():

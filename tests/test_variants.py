@@ -38,7 +38,10 @@ def test_digits_variant_serves_and_agrees_with_fp32(variant, extracted_archives,
     requests, labels = digits_requests(samples)
     results = infer(service, requests)
     assert all(status == 200 for status, _ in results)
-    assert [out[0]["index"] for _, out in results] == digits_fp32_top1
+    # The build gate allows a variant to lose up to 0.5 accuracy points (~2 of 360 held-out
+    # digits), and bf16/int8 kernels differ by CPU capability: at most one of 16 may flip.
+    top1 = [out[0]["index"] for _, out in results]
+    assert sum(a != b for a, b in zip(top1, digits_fp32_top1)) <= 1, (top1, digits_fp32_top1)
     described = service._entry_point.__self__.describe_handle()
     assert described["meta"]["variant"] == variant
     assert described["meta"]["fidelity"]["accuracy_drop_points"] <= 0.5

@@ -45,10 +45,24 @@ def merge(batch: Batch, results: Sequence[Any], context=None) -> list:
             context.set_response_status(error.status, error.message, idx)
         responses[idx] = error.to_body()
     if per_request:
+        version = model_version(context)
         for idx in range(batch.size):
             # gRPC requests carry no url_path (HTTP ones do). TorchServe 0.12's StreamPredictions
             # needs ts_stream_next=false on a one-part answer, or its frontend throws and restarts
             # the worker; over HTTP the header would turn the answer into an endless chunked stream.
             if context.get_request_header(idx, "url_path") is None:
                 context.set_response_header(idx, "ts_stream_next", "false")
+            elif version:
+                # Which version answered, for clients (and tests) that cannot tell from the body:
+                # /predictions/<name> follows the default version, which may change at any time.
+                context.set_response_header(idx, VERSION_HEADER, version)
     return responses
+
+
+VERSION_HEADER = "X-Model-Version"
+
+
+def model_version(context) -> str:
+    """The archive's version (torch-model-archiver --version), as TorchServe loaded it."""
+    manifest = getattr(context, "manifest", None) or {}
+    return str(manifest.get("model", {}).get("modelVersion", "") or "")
