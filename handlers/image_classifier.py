@@ -2,7 +2,7 @@
 
 Stages (each a plain function in handler_kit, unit-tested on its own):
 wire.binary_payload -> vision.decode -> vision.resize_and_crop -> vision.to_batch -> model
--> outputs.topk_predictions. A request that fails a stage gets its own 4xx; the rest of the
+-> outputs.format_topk (handler.answer: project or stock shape). A request that fails a stage gets its own 4xx; the rest of the
 server-side batch is answered.
 """
 import io
@@ -15,7 +15,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler_kit import batching, oom, runtime, serving, vision, wire
 from handler_kit.config import parse_image_classifier
-from handler_kit.outputs import load_labels, topk_predictions
+from handler_kit.outputs import format_topk, load_labels
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ class ImageClassifierHandler(BaseHandler):
         self.labels = load_labels(os.path.join(model_dir, cfg.labels),
                                   cfg.model.kwargs.get("num_classes"))
         self.max_batch = int(properties.get("batch_size") or 1)
-        serving.warm_up_then_serve(self, context, self._warm_up_requests(), lambda r: isinstance(r, list))
+        serving.warm_up_then_serve(self, context, self._warm_up_requests(),
+                                   lambda r: isinstance(r, (list if cfg.answer == "project" else dict)) and bool(r))
         logger.info("model ready: %s %s on %s (threads=%d, dtype=%s, batch<=%d)", cfg.model.format,
                     cfg.model.quantization, self.device, torch.get_num_threads(), cfg.runtime.dtype,
                     self.max_batch)
@@ -67,7 +68,8 @@ class ImageClassifierHandler(BaseHandler):
     def postprocess(self, data):
         batch, logits = data
         with self.metrics.timed("Postprocess"):
-            results = [] if logits is None else topk_predictions(logits, self.labels, self.config.topk)
+            results = [] if logits is None else format_topk(logits, self.labels, self.config.topk,
+                                                            self.config.answer)
             return batching.merge(batch, results, getattr(self, "context", None))
 
     def describe_handle(self):

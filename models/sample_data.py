@@ -11,6 +11,13 @@ import numpy as np
 from PIL import Image
 
 PHOTO_NAMES = ("china.jpg", "flower.jpg")
+# What a real ImageNet classifier must see in them (top-1 among these): a Chinese palace/temple
+# building, and a daisy-like flower head (with a bee on it). The tests check the served models.
+PHOTO_CLASSES = {
+    "china.jpg": frozenset({"palace", "castle", "monastery", "bell cote", "church", "mosque", "stupa",
+                            "dome", "boathouse", "lakeside", "pagoda"}),
+    "flower.jpg": frozenset({"daisy", "sea anemone", "yellow lady's slipper", "bee"}),
+}
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 

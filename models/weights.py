@@ -32,27 +32,6 @@ def photo_crops(count: int, seed: int, size: int, mean, std) -> torch.Tensor:
     return vision.to_batch(images, mean, std)
 
 
-def resnet18_seeded(seed: int, image: dict, model: dict, calibration_images: int = 64, **_):
-    """ResNet-18 with seeded random weights; BatchNorm statistics re-estimated on real photo crops
-    so that activations and logits have the scale of a trained network's."""
-    torch.manual_seed(seed)
-    net = torchvision.models.resnet18(**model.get("kwargs", {}))
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the calibration batches
-    batch = photo_crops(calibration_images, seed, image["crop"], image["mean"], image["std"])
-    net.train()
-    with torch.no_grad():
-        for chunk in batch.split(16):
-            net(chunk)
-    net.eval()
-    meta = {"weights": f"seeded random init (seed {seed}), BatchNorm statistics from "
-                       f"{calibration_images} crops of scikit-learn's sample photographs",
-            "trained": False}
-    return net.state_dict(), meta
-
-
 def digits_cnn_trained(seed: int, image: dict, model: dict, epochs: int = 40,
                        min_accuracy: float = 0.97, **_):
     """Train DigitsCNN on scikit-learn's digits; the held-out accuracy goes into the archive."""
@@ -110,5 +89,10 @@ def diabetes_simple_model(**kwargs):
     return build(**kwargs)
 
 
-BUILDERS = {f.__name__: f for f in (imagenet_labels, digit_labels, resnet18_seeded, digits_cnn_trained,
-                                    minilm_package, diabetes_simple_model)}
+def efficientnet_lite0_pretrained(**kwargs):
+    from models.efficientnet_lite import efficientnet_lite0_pretrained as build  # needs timm
+    return build(**kwargs)
+
+
+BUILDERS = {f.__name__: f for f in (imagenet_labels, digit_labels, efficientnet_lite0_pretrained,
+                                    digits_cnn_trained, minilm_package, diabetes_simple_model)}

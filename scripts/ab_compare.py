@@ -1,7 +1,7 @@
 """A/B comparison: the same inputs sent to two versions (or two models), side by side.
 
     python -m scripts.ab_compare digits/1.0 digits/2.0 --inputs digits
-    python -m scripts.ab_compare resnet18 resnet18_int8 --inputs photos --count 40 --json ab.json
+    python -m scripts.ab_compare efficientnet_lite0 efficientnet_lite0_int8 --inputs photos --count 40 --json ab.json
 
 Each target is `model[/version]` (no version: the default version). Input i goes to both targets,
 which of them first alternating, through one shared pool of `--concurrency` senders, so that both

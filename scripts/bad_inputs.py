@@ -7,7 +7,7 @@ Everything is generated from the project's own sample data (nothing large is com
 
     python -m scripts.bad_inputs --list              # the cases, one line each
     python -m scripts.bad_inputs --write DIR         # DIR/<model>/<case>.<ext>, index.json, replay.sh (curl)
-    python -m scripts.bad_inputs --send [--models resnet18,digits]
+    python -m scripts.bad_inputs --send [--models efficientnet_lite0,digits]
                                                      # replay against the running server (make serve)
 
 Cases are keyed by model name (CASE_BUILDERS). Which models are exercised comes from the catalog
@@ -368,7 +368,7 @@ def shared_image_cases(model: str, sample: bytes, sample_type: str, max_request_
 
 def rgb_classifier_cases(model: str, photo: bytes, max_request_size: Optional[int], max_pixels: int,
                          topk: int) -> List[Case]:
-    """resnet18-style RGB classifiers: the photograph in every valid form must be answered as the
+    """efficientnet_lite0-style RGB classifiers: the photograph in every valid form must be answered as the
     photograph (or its exact RGB equivalent) is; broken forms of it get a 4xx."""
     upright = Image.open(io.BytesIO(photo)).convert("RGB")
     small = upright.resize((320, 214), Image.BILINEAR)
@@ -644,11 +644,11 @@ def _max_request_size(catalog: Optional[Catalog]) -> int:
     return int(server.get("max_request_size", TORCHSERVE_MAX_REQUEST_SIZE))
 
 
-def _resnet18(catalog: Optional[Catalog]) -> List[Case]:
+def _efficientnet_lite0(catalog: Optional[Catalog]) -> List[Case]:
     from models import sample_data
-    config = _handler_config(catalog, "resnet18")
+    config = _handler_config(catalog, "efficientnet_lite0")
     image = config.get("image", {})
-    return rgb_classifier_cases("resnet18", sample_data.photo_bytes()[0], _max_request_size(catalog),
+    return rgb_classifier_cases("efficientnet_lite0", sample_data.photo_bytes()[0], _max_request_size(catalog),
                                 int(image.get("max_pixels", DEFAULT_MAX_PIXELS)), int(config.get("topk", 5)))
 
 
@@ -676,7 +676,7 @@ def _diabetes(catalog: Optional[Catalog]) -> List[Case]:
 
 
 CASE_BUILDERS: Dict[str, Callable[[Optional[Catalog]], List[Case]]] = {
-    "resnet18": _resnet18, "digits": _digits, "minilm": _minilm, "diabetes": _diabetes}
+    "efficientnet_lite0": _efficientnet_lite0, "digits": _digits, "minilm": _minilm, "diabetes": _diabetes}
 
 
 def cases(models: Optional[Iterable[str]] = None, catalog: Optional[Catalog] = None) -> List[Case]:
@@ -725,13 +725,15 @@ class GoodRequest:
     body: bytes
     content_type: str
     checks: Tuple[AnswerCheck, ...] = ()
-    tolerance: float = 1e-5         # how far its answer in any batch may be from its answer alone
+    # how far its answer in any batch may be from its answer alone: kernels differ by batch size and
+    # CPU capability in the 6th decimal of a probability (tests/answers.py has the same 1e-4)
+    tolerance: float = 1e-4
 
 
 def good_requests(model: str, catalog: Optional[Catalog] = None) -> List[GoodRequest]:
     """Valid requests of the model's ordinary kind; their correct answer is the one each gets
     alone (and, for digits, its true label)."""
-    if model == "resnet18":
+    if model == "efficientnet_lite0":
         from models import sample_data
         out = []
         for i, photo in enumerate(sample_data.photo_bytes()):

@@ -1,6 +1,6 @@
 """Send images to the inference API and print the answers.
 
-    python -m scripts.client resnet18 build/samples/china.jpg
+    python -m scripts.client efficientnet_lite0 build/samples/china.jpg
     python -m scripts.client digits build/samples/digit_7_0.png --format base64
     python -m scripts.client digits a.png b.png --version 1.0
 

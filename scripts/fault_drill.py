@@ -10,7 +10,7 @@ real inputs back to back, kills one worker process with SIGKILL, and reports:
   - seconds until throughput is back: the first answer of the first window (starting after the
     kill) whose rate of successful answers is >= 90% of the rate before the kill.
 
-    python -m scripts.fault_drill [--model resnet18] [--workers N] [--concurrency 16]
+    python -m scripts.fault_drill [--model efficientnet_lite0] [--workers N] [--concurrency 16]
                                   [--before 20] [--after 120] [--out build/faults/latest.json]
 
 The test (tests/test_faults.py) runs ``run_drill`` in a short form on digits.
@@ -80,7 +80,7 @@ class DrillReport:
 
 
 def sample_inputs(entry: ModelEntry) -> List[bytes]:
-    """Real inputs for the model: the photographs for ResNet-18, held-out digits for digits."""
+    """Real inputs for the model: the photographs for EfficientNet-Lite0, held-out digits for digits."""
     from models import sample_data
     if entry.base == "digits":
         _, _, images, _ = sample_data.digits_split()
@@ -331,7 +331,7 @@ def write_report(report: DrillReport, path: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet18", help="a catalog model (default resnet18)")
+    parser.add_argument("--model", default="efficientnet_lite0", help="a catalog model (default efficientnet_lite0)")
     parser.add_argument("--workers", type=int, help="default: the catalog's minWorkers")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--warmup", type=float, default=3.0)

@@ -1,7 +1,7 @@
 """Profile a served model's next requests with torch.profiler, without restarting TorchServe.
 
     python -m scripts.profile digits --requests 16 --wait
-    python -m scripts.profile resnet18 --requests 8 --activities cpu,cuda --record-shapes --wait
+    python -m scripts.profile efficientnet_lite0 --requests 8 --activities cpu,cuda --record-shapes --wait
 
 Drops the request file <dir>/<model>.json that the model's workers look for before each batch
 (handlers/handler_kit/profiling.py). One worker claims it, profiles batches until that many

@@ -69,7 +69,7 @@ def start(timeout_s: float) -> int:
           f"  metrics:        {server.metrics_url}/metrics\n"
           f"  keys:           {os.path.relpath(server.client.key_file, ROOT)}\n\nTry:\n"
           f'  curl -H "Authorization: Bearer {key_cmd}" -T build/samples/china.jpg '
-          f"{server.inference_url}/predictions/resnet18\n")
+          f"{server.inference_url}/predictions/efficientnet_lite0\n")
     return 0
 
 

@@ -3,7 +3,7 @@ lost (every good request answered correctly, every bad one refused as its case s
 may restart, and the workers' memory must not grow once warm.
 
     python -m scripts.soak [--seconds 60] [--concurrency 32] [--warmup 15] [--against running | --start]
-                           [--models resnet18,digits] [--bad-fraction 0.25] [--skip-cases a/b,c/d]
+                           [--models efficientnet_lite0,digits] [--bad-fraction 0.25] [--skip-cases a/b,c/d]
 
 --against running (default): the server of config.properties (make serve);
 --start: a TorchServe of its own from the catalog on free ports, each served model registered with

@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.gpu,
 
 
 def test_handler_runs_on_the_gpu_torchserve_assigns(extracted_archives, samples):
-    service = load_service(extracted_archives["resnet18_eager"], batch_size=4, gpu_id=0)
+    service = load_service(extracted_archives["efficientnet_lite0"], batch_size=4, gpu_id=0)
     handler = service._entry_point.__self__
     assert handler.device == torch.device("cuda:0")
     assert next(handler.run_model.model.parameters()).device.type == "cuda"

@@ -7,15 +7,15 @@ import shutil
 import pytest
 import yaml
 
-from answers import answers_close, assert_answers_close
+from answers import PROBABILITY_ATOL, answers_close, assert_answers_close
 from tests.ts_harness import infer, load_service
 
 JPEG, PNG, JSON = "image/jpeg", "image/png", "application/json"
 
 
 @pytest.fixture(scope="module")
-def resnet(extracted_archives):
-    return load_service(extracted_archives["resnet18"], batch_size=16)
+def photo_classifier(extracted_archives):
+    return load_service(extracted_archives["efficientnet_lite0"], batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +27,16 @@ def b64_json(data: bytes) -> bytes:
     return ('{"data": "%s"}' % base64.b64encode(data).decode()).encode()
 
 
-def test_photo_top5_is_the_same_for_every_wire_format(resnet, samples):
+def test_photo_top5_is_the_same_for_every_wire_format(photo_classifier, samples):
     china = samples.photo_bytes()[0]
-    results = infer(resnet, [("body", JPEG, china), ("data", "application/octet-stream", china),
+    results = infer(photo_classifier, [("body", JPEG, china), ("data", "application/octet-stream", china),
                              ("body", JSON, b64_json(china))])
     assert [status for status, _ in results] == [200, 200, 200]
     top5 = results[0][1]
     assert len(top5) == 5 and all(set(p) == {"label", "index", "probability"} for p in top5)
     probabilities = [p["probability"] for p in top5]
     assert probabilities == sorted(probabilities, reverse=True)
+    assert top5[0]["label"] in samples.PHOTO_CLASSES["china.jpg"], top5
     # three rows of one batch: the same image, so the same answer up to kernel rounding
     assert_answers_close(results[1][1], top5, "multipart")
     assert_answers_close(results[2][1], top5, "base64 JSON")
@@ -88,6 +89,21 @@ def copy_with_config(src: str, dst, edit) -> str:
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
     return str(dst)
+
+
+def test_stock_answer_shape_is_an_archive_setting(photo_classifier, extracted_archives, samples, tmp_path):
+    """handler.answer: stock answers as TorchServe's stock image_classifier does ({label:
+    probability}, best first), so clients migrating from it keep working; same figures."""
+    folder = copy_with_config(extracted_archives["efficientnet_lite0"], tmp_path / "stock",
+                              lambda c: c["handler"].update(answer="stock"))
+    stock_service = load_service(folder, batch_size=2)
+    photos = [("body", JPEG, photo) for photo in samples.photo_bytes()]
+    ours, stock = infer(photo_classifier, photos), infer(stock_service, photos)
+    for (status, project_answer), (stock_status, stock_answer) in zip(ours, stock):
+        assert status == stock_status == 200
+        assert isinstance(stock_answer, dict) and len(stock_answer) == 5
+        assert list(stock_answer) == [p["label"] for p in project_answer]
+        assert all(abs(stock_answer[p["label"]] - p["probability"]) <= PROBABILITY_ATOL for p in project_answer)
 
 
 def test_bad_configuration_fails_the_load_naming_the_key(extracted_archives, tmp_path):

@@ -234,15 +234,15 @@ def test_replicas_for_a_traffic_mix_add_the_fractions_of_a_replica():
 
 def test_capacity_sheet_from_bench_figures(catalog):
     entries = kserve.served_entries(catalog)
-    resnet18 = catalog.model("resnet18")
+    efficientnet_lite0 = catalog.model("efficientnet_lite0")
     bench = {"machine": "test box", "cpu_count": 2, "concurrency": 16, "seconds": 15, "started": "t",
-             "archive_variants": {"resnet18": [
-                 {"archive": resnet18.mar_name, "served": {"throughput_img_s": 20.0}},
-                 {"archive": "resnet18_int8.mar", "served": {"throughput_img_s": 99.0}}]}}
-    assert kserve.served_throughputs(bench, entries) == {"resnet18": 20.0}
+             "archive_variants": {"efficientnet_lite0": [
+                 {"archive": efficientnet_lite0.mar_name, "served": {"throughput_img_s": 20.0}},
+                 {"archive": "efficientnet_lite0_int8.mar", "served": {"throughput_img_s": 99.0}}]}}
+    assert kserve.served_throughputs(bench, entries) == {"efficientnet_lite0": 20.0}
     sheet = kserve.capacity_markdown(bench, entries, [10, 100], 0.3)
-    row = [line for line in sheet.splitlines() if line.startswith("| resnet18")]
-    assert row == [f"| resnet18 {resnet18.version} | {resnet18.mar_name} | 20.0 | 1 | 8 |"]
+    row = [line for line in sheet.splitlines() if line.startswith("| efficientnet_lite0")]
+    assert row == [f"| efficientnet_lite0 {efficientnet_lite0.version} | {efficientnet_lite0.mar_name} | 20.0 | 1 | 8 |"]
     assert "test box" in sheet and "Not measured by the benchmark" in sheet  # digits has no row
 
 
@@ -312,7 +312,7 @@ def test_v1_predict_digits_instances_in_one_request(runtime, samples):
 
 @pytest.mark.integration
 def test_v1_predict_a_photograph(runtime, samples):
-    response = kserve.v1_predict(runtime.wrapper_url, "resnet18", [kserve.image_instance(samples.photo_bytes()[0])])
+    response = kserve.v1_predict(runtime.wrapper_url, "efficientnet_lite0", [kserve.image_instance(samples.photo_bytes()[0])])
     assert response.status_code == 200, response.text
     [top5] = response.json()["predictions"]
     assert len(top5) == 5 and top5[0]["label"]

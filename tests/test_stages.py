@@ -179,6 +179,16 @@ def test_topk_predictions_are_sorted_probabilities():
     assert rows[0][0]["probability"] >= rows[0][1]["probability"]
 
 
+def test_stock_answer_shape_is_label_to_probability_best_first():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    labels = ["a", "crane", "c", "crane"]  # ImageNet names two classes "crane"
+    (project,) = outputs.format_topk(logits, labels, 3, "project")
+    (stock,) = outputs.format_topk(logits, labels, 3, "stock")
+    assert [p["label"] for p in project] == ["crane", "crane", "c"]
+    assert list(stock) == ["crane", "c"] and stock["crane"] == project[0]["probability"]
+    assert stock["c"] == project[2]["probability"]
+
+
 def test_labels_file_formats(tmp_path):
     (tmp_path / "list.json").write_text('["x", "y"]')
     (tmp_path / "dict.json").write_text('{"1": "y", "0": "x"}')
@@ -200,7 +210,7 @@ def handler_section(**changes):
 def test_config_defaults():
     cfg = parse_image_classifier(handler_section())
     assert cfg.topk == 5 and cfg.runtime.device == "auto" and cfg.runtime.dtype == "float32"
-    assert cfg.image.color == "rgb" and cfg.runtime.threads is None
+    assert cfg.image.color == "rgb" and cfg.runtime.threads is None and cfg.answer == "project"
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -208,6 +218,7 @@ def test_config_defaults():
     ({"runtime": {"device": "tpu"}}, "allowed values: auto, cpu, cuda"),
     ({"colour": "rgb"}, "unknown key 'handler.colour'; allowed keys: model, image"),
     ({"topk": 0}, "'handler.topk' must be a positive integer"),
+    ({"answer": "torchserve"}, "'handler.answer' is 'torchserve'; allowed values: project, stock"),
     ({"image": {"resize": 8, "crop": 16, "mean": [0.5] * 3, "std": [0.2] * 3}}, "must not exceed"),
     ({"image": {"resize": 8, "mean": [0.5], "std": [0.2] * 3}}, "'handler.image.mean' must be a list of 3"),
 ])

@@ -17,7 +17,7 @@ from tests.ts_harness import infer, load_service
 
 CATALOG = load_catalog()
 DIGITS_VARIANTS = [m.variant for m in CATALOG.models if m.base == "digits" and m.variant != "fp32"]
-RESNET_VARIANTS = [m.variant for m in CATALOG.models if m.base == "resnet18" and m.variant != "fp32"]
+EFFICIENTNET_VARIANTS = [m.variant for m in CATALOG.models if m.base == "efficientnet_lite0" and m.variant != "fp32"]
 
 
 def digits_requests(samples, count=16):
@@ -47,9 +47,9 @@ def test_digits_variant_serves_and_agrees_with_fp32(variant, extracted_archives,
     assert described["meta"]["fidelity"]["accuracy_drop_points"] <= 0.5
 
 
-@pytest.mark.parametrize("variant", RESNET_VARIANTS)
-def test_resnet18_variant_serves_photos(variant, extracted_archives, samples):
-    service = load_service(extracted_archives[f"resnet18_{variant}"], batch_size=8)
+@pytest.mark.parametrize("variant", EFFICIENTNET_VARIANTS)
+def test_efficientnet_lite0_variant_serves_photos(variant, extracted_archives, samples):
+    service = load_service(extracted_archives[f"efficientnet_lite0_{variant}"], batch_size=8)
     results = infer(service, [("body", "image/jpeg", photo) for photo in samples.photo_bytes()])
     assert [status for status, _ in results] == [200, 200]
     assert all(len(out) == 5 for _, out in results)

@@ -13,6 +13,9 @@ MODEL_FORMATS = ("state_dict", "torchscript", "onnx")  # picks the runtime: eage
 QUANTIZATIONS = ("none", "int8_x86")
 DTYPES = ("float32", "bfloat16", "float16")
 COLOR_MODES = ("rgb", "grayscale")
+# project: [{"label", "index", "probability"}, ...] best first; stock: {"label": probability, ...}
+# as TorchServe's stock image_classifier answers, for clients migrating from it.
+ANSWER_FORMATS = ("project", "stock")
 
 
 def require(section: dict, key: str, where: str):
@@ -87,6 +90,7 @@ class ImageClassifierConfig:
     labels: str
     topk: int
     meta: dict
+    answer: str = "project"
 
 
 def parse_model(section) -> ModelSpec:
@@ -186,7 +190,8 @@ def parse_image(section) -> ImageSpec:
 
 def parse_image_classifier(handler_section) -> ImageClassifierConfig:
     """Validate the ``handler:`` section of model-config.yaml for the image classifier."""
-    s = check_keys(handler_section, ("model", "image", "runtime", "labels", "topk", "meta"), "handler")
+    s = check_keys(handler_section, ("model", "image", "runtime", "labels", "topk", "answer", "meta"),
+                   "handler")
     meta = meta_section(s)
     model, rt = parse_model(require(s, "model", "handler")), parse_runtime(s.get("runtime"))
     check_model_runtime(model, rt)
@@ -194,4 +199,5 @@ def parse_image_classifier(handler_section) -> ImageClassifierConfig:
                                  runtime=rt,
                                  labels=str(require(s, "labels", "handler")),
                                  topk=positive_int(s.get("topk", 5), "handler.topk"),
+                                 answer=choice(s.get("answer", "project"), ANSWER_FORMATS, "handler.answer"),
                                  meta=meta)

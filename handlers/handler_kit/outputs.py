@@ -35,3 +35,20 @@ def topk_predictions(logits: torch.Tensor, labels: Sequence[str], k: int) -> Lis
     return [[{"label": labels[i], "index": i, "probability": round(p, 6)}
              for p, i in zip(row_p.tolist(), row_i.tolist())]
             for row_p, row_i in zip(values, indices)]
+
+
+def stock_shape(topk: List[dict]) -> dict:
+    """One row of ``topk_predictions`` as TorchServe's stock image_classifier answers it:
+    ``{label: probability}``, best first (JSON objects keep insertion order). A label that repeats
+    (ImageNet has two "crane" and two "maillot") keeps its higher probability (the stock handler's
+    dict comprehension would keep the lower, later one)."""
+    out = {}
+    for p in topk:
+        out.setdefault(p["label"], p["probability"])
+    return out
+
+
+def format_topk(logits: torch.Tensor, labels: Sequence[str], k: int, answer: str) -> list:
+    """Per row, the answer in the archive's configured shape (handler.answer)."""
+    rows = topk_predictions(logits, labels, k)
+    return [stock_shape(row) for row in rows] if answer == "stock" else rows
