@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
-.PHONY: help venv java build config serve stop test bench soak kserve clean
+.PHONY: help venv java haproxy build config serve stop test bench soak kserve rehearse image clean
 
 help:
 	@echo "make serve   set up .venv, build weights and archives, start TorchServe, wait until READY"
@@ -15,6 +15,8 @@ help:
 	@echo "make build   weights + model_store/*.mar;  make config  regenerate config.properties"
 	@echo "make soak    10-minute soak: concurrency 32, good and bad inputs, memory of the workers"
 	@echo "make kserve  KServe model repository + InferenceService manifests in build/kserve"
+	@echo "make rehearse  2 TorchServe replicas (scripts/entrypoint.sh) behind HAProxy, with drills"
+	@echo "make image   the serving image (Dockerfile) with docker or podman; IMAGE=name:tag"
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +29,9 @@ venv: $(STAMP)
 
 java:
 	@bash scripts/ensure_java.sh
+
+haproxy:
+	@bash scripts/ensure_haproxy.sh
 
 build: venv
 	$(PY) -m scripts.build_archives
@@ -42,7 +47,7 @@ serve: venv java build
 stop: venv
 	$(PY) -m scripts.serve stop
 
-test: venv java build
+test: venv java haproxy build
 	$(PY) -m pytest
 
 bench: venv java build
@@ -53,6 +58,14 @@ soak: venv java build
 
 kserve: venv build
 	$(PY) -m scripts.kserve
+
+rehearse: venv java haproxy build
+	$(PY) -m scripts.rehearse
+
+IMAGE ?= torchserve-models:0.12.0-cpu
+image: build
+	@builder=$$(command -v docker || command -v podman) || { echo "make image needs docker or podman" >&2; exit 1; }; \
+	$$builder build -t $(IMAGE) .
 
 clean: stop
 	rm -rf build model_store/*.mar model_store/SHA256SUMS .serve logs key_file.json .default_versions_history.json

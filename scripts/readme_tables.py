@@ -1,0 +1,179 @@
+"""README tables that a tool measured, written from recorded results and never by hand.
+
+    python -m scripts.readme_tables record        # the built archives' fidelity figures -> docs/results/fidelity.json
+    python -m scripts.readme_tables record-bench  # make bench's build/bench/latest.md -> docs/results/bench.md
+    python -m scripts.readme_tables write         # README.md's generated blocks from docs/results/
+    python -m scripts.readme_tables check         # exit 1 if README.md differs from what `write` gives
+
+The fidelity gate measures every variant when `make build` packages it (scripts/fidelity.py) and
+the figures travel in the archive (`handler.meta.fidelity`). `record` copies them, with the CPU
+that measured them, into docs/results/fidelity.json (committed); `write` renders README's block
+between the markers below from that file, and a test checks README against it, so the table is
+always the one the tool wrote from the recorded figures. `record-bench` does the same for the
+tables `make bench` printed (its latest.md, as the benchmark wrote it).
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import zipfile
+from typing import Dict, List
+
+import yaml
+
+from scripts.catalog import MODEL_STORE, ROOT, Catalog, load_catalog
+
+README_PATH = os.path.join(ROOT, "README.md")
+FIDELITY_RESULTS = os.path.join(ROOT, "docs", "results", "fidelity.json")
+BENCH_RESULTS = os.path.join(ROOT, "docs", "results", "bench.md")
+BENCH_LATEST = os.path.join(ROOT, "build", "bench", "latest.md")
+START, END = "<!-- generated:fidelity-table start -->", "<!-- generated:fidelity-table end -->"
+BENCH_START, BENCH_END = "<!-- generated:bench start -->", "<!-- generated:bench end -->"
+
+
+def archive_meta(mar_path: str) -> dict:
+    with zipfile.ZipFile(mar_path) as archive:
+        return yaml.safe_load(archive.read("model-config.yaml"))["handler"].get("meta", {})
+
+
+def gated_entries(catalog: Catalog) -> list:
+    """The archives the fidelity gate measured: every variant, and a base served transformed."""
+    return [m for m in catalog.models if m.variant != "fp32" or m.transform]
+
+
+def machine() -> str:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} CPU capability " \
+           f"{torch.backends.cpu.get_cpu_capability()}"
+
+
+def record(catalog: Catalog, store: str = MODEL_STORE, path: str = FIDELITY_RESULTS) -> dict:
+    rows = []
+    for entry in gated_entries(catalog):
+        mar = os.path.join(store, entry.mar_name)
+        if not os.path.isfile(mar):
+            raise SystemExit(f"{entry.mar_name} is not in {store}: run `make build` first")
+        rows.append({"archive": entry.mar_name, "model": entry.base, "variant": entry.variant,
+                     "gate": dict(entry.fidelity), "figures": archive_meta(mar).get("fidelity", {})})
+    results = {"machine": machine(), "archives": rows}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    return results
+
+
+def _gate_text(gate: dict) -> str:
+    metric = gate.get("metric")
+    if metric == "agreement":
+        return (f"top-1 agreement >= {gate.get('min_top1_agreement', 0.98)}, mean cosine >= "
+                f"{gate.get('min_cosine', 0.99)} on {gate.get('images', 64)} photo views")
+    if metric == "accuracy":
+        return f"held-out accuracy drop <= {gate.get('max_drop_points', 0.5)} points"
+    if metric == "embedding":
+        return (f"min cosine >= {gate.get('min_cosine', 0.95)}, paraphrase order >= "
+                f"{gate.get('min_pair_order', 1.0)}")
+    if metric == "regression":
+        return f"held-out R^2 drop <= {gate.get('max_r2_drop', 0.01)}"
+    return str(gate)
+
+
+def _figures_text(figures: dict) -> str:
+    metric = figures.get("metric")
+    if metric in ("agreement", "accuracy"):
+        text = f"top-1 agreement {figures['top1_agreement']:.4f}, mean cosine {figures['mean_cosine']:.5f}"
+        if metric == "accuracy":
+            text += (f"; accuracy {100 * figures['accuracy']:.2f}% (fp32 {100 * figures['fp32_accuracy']:.2f}%, "
+                     f"drop {figures['accuracy_drop_points']:.2f} points)")
+        return text
+    if metric == "embedding":
+        lossy = ", **lossy**" if figures.get("lossy") else ""
+        return (f"min cosine {figures['min_cosine']:.5f}, mean {figures['mean_cosine']:.5f}, "
+                f"paraphrase order {figures['pair_order']:.2f}{lossy}")
+    if metric == "regression":
+        return (f"R^2 {figures['r2']:.4f} (fp32 {figures['fp32_r2']:.4f}), max abs difference "
+                f"{figures['max_abs_difference']:.2f}")
+    return json.dumps(figures)
+
+
+def fidelity_table(results: dict) -> List[str]:
+    lines = [f"Recorded by `python -m scripts.readme_tables record` from the archives' "
+             f"`meta.fidelity` ({results['machine']}):", "",
+             "| archive | gate | samples | measured against fp32 |", "| --- | --- | ---: | --- |"]
+    for row in results["archives"]:
+        figures = row["figures"]
+        lines.append(f"| `{row['archive']}` | {_gate_text(row['gate'])} | {figures.get('samples', '-')} | "
+                     f"{_figures_text(figures)} |")
+    return lines
+
+
+def render_block(text: str, start: str, end: str, lines: List[str]) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md lacks the markers {start} ... {end}")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return head + start + "\n" + "\n".join(lines) + "\n" + end + tail
+
+
+def load_results(path: str = FIDELITY_RESULTS) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def record_bench(latest: str = BENCH_LATEST, path: str = BENCH_RESULTS) -> None:
+    if not os.path.isfile(latest):
+        raise SystemExit(f"{latest} is missing: run `make bench` first")
+    with open(latest, encoding="utf-8") as f:
+        text = f.read()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.rstrip("\n") + "\n")
+
+
+def bench_lines(path: str = BENCH_RESULTS) -> List[str]:
+    with open(path, encoding="utf-8") as f:
+        return ["Recorded by `python -m scripts.readme_tables record-bench` from `make bench`'s latest.md:",
+                ""] + f.read().rstrip("\n").splitlines()
+
+
+def rendered_readme(readme: str, results: Dict, bench_path: str = BENCH_RESULTS) -> str:
+    readme = render_block(readme, START, END, fidelity_table(results))
+    return render_block(readme, BENCH_START, BENCH_END, bench_lines(bench_path))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("record", "record-bench", "write", "check"))
+    args = parser.parse_args(argv)
+    if args.command == "record":
+        results = record(load_catalog())
+        print(f"recorded {len(results['archives'])} archives in {os.path.relpath(FIDELITY_RESULTS, ROOT)}")
+        args.command = "write"
+    if args.command == "record-bench":
+        record_bench()
+        print(f"recorded {os.path.relpath(BENCH_LATEST, ROOT)} in {os.path.relpath(BENCH_RESULTS, ROOT)}")
+        args.command = "write"
+    with open(README_PATH, encoding="utf-8") as f:
+        readme = f.read()
+    expected = rendered_readme(readme, load_results())
+    if args.command == "check":
+        if expected != readme:
+            print("README.md's generated tables are stale: run `python -m scripts.readme_tables write`",
+                  file=sys.stderr)
+            return 1
+        return 0
+    with open(README_PATH, "w", encoding="utf-8") as f:
+        f.write(expected)
+    print("README.md: generated tables written")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
