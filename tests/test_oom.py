@@ -1,4 +1,6 @@
 """Out-of-memory splitting (handler_kit/oom.py), on CPU: a fake model raises the errors CUDA raises."""
+import json
+
 import pytest
 import torch
 from ts.context import Context, RequestProcessor
@@ -129,4 +131,5 @@ def test_failed_items_become_503_answers_for_their_requests_only():
     assert responses[0] == "answer 0" and responses[5] == "answer 5"
     statuses = [context.get_response_status(i)[0] for i in range(len(requests))]
     assert statuses == [200, 200, 400, 200, 503, 200]
-    assert responses[4]["type"] == "out_of_memory"
+    assert json.loads(responses[4])["type"] == "out_of_memory"  # sent as compact JSON
+    assert context.get_response_content_type(4) == "application/json"

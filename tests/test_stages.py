@@ -125,7 +125,7 @@ class RecordingContext:
 
     def __init__(self, size, url_path="/predictions/m", version="2.0"):
         self.request_ids = {i: f"req-{i}" for i in range(size)}
-        self.url_path, self.statuses, self.headers = url_path, {}, {}
+        self.url_path, self.statuses, self.headers, self.content_types = url_path, {}, {}, {}
         self.manifest = {"model": {"modelName": "m", "modelVersion": version}}
 
     def set_response_status(self, code, phrase, idx):
@@ -136,6 +136,9 @@ class RecordingContext:
 
     def set_response_header(self, idx, key, value):
         self.headers[(idx, key)] = value
+
+    def set_response_content_type(self, idx, value):
+        self.content_types[idx] = value
 
 
 def _negative_is_bad(x):
@@ -148,8 +151,10 @@ def test_bad_request_does_not_fail_the_batch():
     batch = batching.prepare([1, -2, 3], _negative_is_bad)
     context = RecordingContext(3)
     responses = batching.merge(batch, [r + 1 for r in batch.items], context)
-    assert responses[0] == 11 and responses[2] == 31
-    assert responses[1]["code"] == 400 and context.statuses == {1: (400, "negative: -2")}
+    # every answer goes out as compact JSON text (TorchServe would indent it)
+    assert responses == ["11", '{"code":400,"type":"bad_input","message":"negative: -2"}', "31"]
+    assert context.content_types == {0: "application/json", 1: "application/json", 2: "application/json"}
+    assert context.statuses == {1: (400, "negative: -2")}
     # HTTP answers are not marked as streams; each says which version answered, refused or not
     assert context.headers == {(i, "X-Model-Version"): "2.0" for i in range(3)}
 

@@ -5,6 +5,7 @@ reader (ts.protocol.otf_message_handler), so that JSON/text/bytes arrive exactly
 the model is loaded by TorchServe's model loader, as model_service_worker does.
 """
 import io
+import json
 import struct
 from typing import List, Sequence, Tuple
 
@@ -38,7 +39,7 @@ def encode_batch(requests: Sequence[Tuple[str, str, bytes]]) -> bytes:
 
 
 def infer(service: Service, requests: Sequence[Tuple[str, str, bytes]]) -> List[Tuple[int, object]]:
-    """(status code, response) per request, as the handler produced them."""
+    """(status code, response) per request: the handler's JSON text decoded, as a client reads it."""
     batch = _retrieve_inference_msg(_Socket(encode_batch(requests)))
     headers, input_batch, req_id_map = Service.retrieve_data_for_inference(batch)
     context = service.context
@@ -47,4 +48,11 @@ def infer(service: Service, requests: Sequence[Tuple[str, str, bytes]]) -> List[
     context.metrics.request_ids = req_id_map
     outputs = service._entry_point(input_batch, context)
     assert len(outputs) == len(requests)
-    return [(context.get_response_status(i)[0], out) for i, out in enumerate(outputs)]
+    return [(context.get_response_status(i)[0], _decoded(out, context.get_response_content_type(i)))
+            for i, out in enumerate(outputs)]
+
+
+def _decoded(out, content_type):
+    if isinstance(out, str) and content_type == "application/json":
+        return json.loads(out)
+    return out
