@@ -47,7 +47,11 @@ class ImageClassifierHandler(BaseHandler):
 
     def _prepare_one(self, request) -> torch.Tensor:
         image_cfg = self.config.image
-        image = vision.decode(wire.binary_payload(request), image_cfg.color, image_cfg.max_pixels)
+        # a JPEG twice as large as needed is decoded reduced (libjpeg DCT scaling), never below
+        # twice the resize target
+        min_short_side = 2 * image_cfg.resize if image_cfg.jpeg_dct_scaling else 0
+        image = vision.decode(wire.binary_payload(request), image_cfg.color, image_cfg.max_pixels,
+                              min_short_side)
         return vision.resize_and_crop(image, image_cfg.resize, image_cfg.crop)
 
     def preprocess(self, data):

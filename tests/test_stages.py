@@ -75,6 +75,40 @@ def test_exif_orientation_is_honoured():
     assert tuple(decoded.shape) == (3, 60, 20)
 
 
+def large_photo_jpeg(samples, size=(2048, 1536), exif=None) -> bytes:
+    photo = Image.open(io.BytesIO(samples.photo_bytes()[0])).convert("RGB").resize(size, Image.BICUBIC)
+    return encode(photo, "JPEG", **({"exif": exif} if exif else {}))
+
+
+def test_jpeg_scale_keeps_the_shorter_side_at_least_the_minimum():
+    assert vision.jpeg_scale(4032, 3024, 512) == 4       # 756 >= 512; 1/8 would give 378
+    assert vision.jpeg_scale(4032, 3024, 0) == 1         # switched off
+    assert vision.jpeg_scale(1000, 1023, 512) == 1       # 511 < 512: full size
+    assert vision.jpeg_scale(8000, 6000, 16) == 8        # never beyond libjpeg's 1/8
+
+
+def test_large_jpeg_is_decoded_reduced_with_the_same_pixels(samples):
+    data = large_photo_jpeg(samples)
+    full = vision.decode(data, "rgb", 10**8)
+    reduced = vision.decode(data, "rgb", 10**8, min_short_side=512)
+    assert tuple(full.shape) == (3, 1536, 2048) and tuple(reduced.shape) == (3, 768, 1024)
+    # DCT scaling is a proper low-pass: after the model's resize the two agree to a few levels
+    a, b = (vision.resize_and_crop(x, 256, 224).float() for x in (full, reduced))
+    assert (a - b).abs().mean().item() < 2.0
+    gray = vision.decode(data, "grayscale", 10**8, min_short_side=512)
+    assert tuple(gray.shape) == (1, 768, 1024)
+
+
+def test_reduced_jpeg_keeps_exif_orientation_and_refuses_truncation(samples):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = vision.decode(large_photo_jpeg(samples, exif=exif.tobytes()), "rgb", 10**8, min_short_side=256)
+    assert tuple(rotated.shape) == (3, 512, 384)  # 1/4 of 2048x1536, turned upright
+    truncated = large_photo_jpeg(samples)[:20000]
+    with pytest.raises(BadInput, match="JPEG image could not be decoded"):
+        vision.decode(truncated, "rgb", 10**8, min_short_side=256)
+
+
 def png_declaring(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares width x height pixels (a decompression bomb)."""
     def chunk(kind, data):
@@ -224,6 +258,8 @@ def test_config_defaults():
     ({"colour": "rgb"}, "unknown key 'handler.colour'; allowed keys: model, image"),
     ({"topk": 0}, "'handler.topk' must be a positive integer"),
     ({"answer": "torchserve"}, "'handler.answer' is 'torchserve'; allowed values: project, stock"),
+    ({"image": {"resize": 8, "mean": [0.5] * 3, "std": [0.2] * 3, "jpeg_dct_scaling": "yes"}},
+     "'handler.image.jpeg_dct_scaling' must be true or false"),
     ({"image": {"resize": 8, "crop": 16, "mean": [0.5] * 3, "std": [0.2] * 3}}, "must not exceed"),
     ({"image": {"resize": 8, "mean": [0.5], "std": [0.2] * 3}}, "'handler.image.mean' must be a list of 3"),
 ])

@@ -1,7 +1,9 @@
 """Image stages: bytes -> checked, decoded uint8 tensor -> normalized batch tensor.
 
 Decoding uses torchvision's decoders (libjpeg-turbo, libpng, libwebp); PIL only reads the header,
-so that the pixel limit is enforced before any pixels are decoded.
+so that the pixel limit is enforced before any pixels are decoded. Two exceptions, both through PIL:
+PNGs (see decode), and large JPEGs, which libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT
+domain (PIL's draft mode) when the model's resize would throw those pixels away anyway.
 """
 import io
 import warnings
@@ -48,9 +50,22 @@ def inspect_header(data: bytes, max_pixels: int) -> tuple:
     return DECODABLE_FORMATS[fmt], width, height
 
 
-def decode(data: bytes, color: str, max_pixels: int) -> torch.Tensor:
-    """Decode one image to a uint8 CxHxW tensor (C=3 for rgb, 1 for grayscale), EXIF-rotated."""
-    fmt, _, _ = inspect_header(data, max_pixels)
+def jpeg_scale(width: int, height: int, min_short_side: int) -> int:
+    """The largest libjpeg DCT scale (1, 2, 4 or 8) whose decoded shorter side stays at least
+    ``min_short_side`` (0: always 1)."""
+    scale = 1
+    while min_short_side and scale < 8 and min(width, height) // (2 * scale) >= min_short_side:
+        scale *= 2
+    return scale
+
+
+def decode(data: bytes, color: str, max_pixels: int, min_short_side: int = 0) -> torch.Tensor:
+    """Decode one image to a uint8 CxHxW tensor (C=3 for rgb, 1 for grayscale), EXIF-rotated. A
+    JPEG whose shorter side is at least twice ``min_short_side`` is decoded reduced (DCT scaling),
+    its shorter side still ``min_short_side`` or more."""
+    fmt, width, height = inspect_header(data, max_pixels)
+    if fmt == "JPEG" and jpeg_scale(width, height, min_short_side) > 1:
+        return decode_with_pil(data, fmt, color, jpeg_scale(width, height, min_short_side))
     if fmt == "PNG":
         # torchvision 0.29's decode_png kills the process (SIGSEGV) on any libpng error, such as
         # a bad CRC or corrupt compressed data; PIL raises instead.
@@ -79,13 +94,18 @@ def gray_of(rgb: torch.Tensor) -> torch.Tensor:
     return F.rgb_to_grayscale(rgb.to(torch.float32)).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def decode_with_pil(data: bytes, fmt: str, color: str) -> torch.Tensor:
+def decode_with_pil(data: bytes, fmt: str, color: str, jpeg_scale: int = 1) -> torch.Tensor:
     """Decode with PIL to a uint8 CxHxW tensor, EXIF-rotated; 16-bit samples keep their high byte
-    (as torchvision's to_dtype(uint8, scale=True) does)."""
+    (as torchvision's to_dtype(uint8, scale=True) does). ``jpeg_scale`` > 1: a JPEG decoded at
+    1/jpeg_scale of its size by libjpeg itself (draft mode)."""
     try:
+        if fmt == "PNG":
+            with Image.open(io.BytesIO(data)) as img:
+                img.verify()  # every chunk's CRC: PIL's decoder does not check the pixel data's
         with Image.open(io.BytesIO(data)) as img:
-            img.verify()  # every chunk's CRC: PIL's decoder does not check the pixel data's
-        with Image.open(io.BytesIO(data)) as img:
+            if jpeg_scale > 1:
+                width, height = img.size
+                img.draft("RGB" if color == "rgb" else "L", (width // jpeg_scale, height // jpeg_scale))
             img = ImageOps.exif_transpose(img)
             if img.mode.startswith("I"):  # 16-bit grayscale
                 img = Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).astype(np.uint8), "L")
