@@ -58,6 +58,8 @@ def test_readme_quick_start_works():
         assert answer.returncode == 0, answer.stderr
         top5 = json.loads(answer.stdout)
         assert len(top5) == 5 and {"label", "index", "probability"} == set(top5[0])
+        from models.sample_data import PHOTO_CLASSES
+        assert "china.jpg" in curl and top5[0]["label"] in PHOTO_CLASSES["china.jpg"], top5
 
         digit = run(client, 120)
         assert digit.returncode == 0, digit.stdout + digit.stderr
