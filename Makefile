@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
-.PHONY: help venv java haproxy build config serve stop test bench soak kserve rehearse image clean
+.PHONY: help venv java haproxy loadgen build config serve stop test bench soak kserve k8s rehearse image clean
 
 help:
 	@echo "make serve   set up .venv, build weights and archives, start TorchServe, wait until READY"
@@ -14,7 +14,8 @@ help:
 	@echo "make bench   in-process vs served vs TorchServe's stock handler, side by side"
 	@echo "make build   weights + model_store/*.mar;  make config  regenerate config.properties"
 	@echo "make soak    10-minute soak: concurrency 32, good and bad inputs, memory of the workers"
-	@echo "make kserve  KServe model repository + InferenceService manifests in build/kserve"
+	@echo "make kserve  KServe runtime, model repository + InferenceService manifests in build/kserve"
+	@echo "make k8s     plain Kubernetes manifests (deploy/k8s) from the catalog"
 	@echo "make rehearse  2 TorchServe replicas (scripts/entrypoint.sh) behind HAProxy, with drills"
 	@echo "make image   the serving image (Dockerfile) with docker or podman; IMAGE=name:tag"
 
@@ -33,6 +34,9 @@ java:
 haproxy:
 	@bash scripts/ensure_haproxy.sh
 
+loadgen:
+	@bash scripts/ensure_loadgen.sh
+
 build: venv
 	$(PY) -m scripts.build_archives
 	$(PY) -m scripts.grpc_stubs
@@ -47,10 +51,10 @@ serve: venv java build
 stop: venv
 	$(PY) -m scripts.serve stop
 
-test: venv java haproxy build
+test: venv java haproxy loadgen build
 	$(PY) -m pytest
 
-bench: venv java build
+bench: venv java loadgen build
 	$(PY) -m scripts.bench
 
 soak: venv java build
@@ -58,6 +62,9 @@ soak: venv java build
 
 kserve: venv build
 	$(PY) -m scripts.kserve
+
+k8s: venv
+	$(PY) -m scripts.k8s
 
 rehearse: venv java haproxy build
 	$(PY) -m scripts.rehearse

@@ -20,14 +20,27 @@ them; a row's items/s is also its requests/s. The fp32 EfficientNet-Lite0 row is
 the same archive, measured once.
 
 All in-process rows run first, before the server starts, so that they have the cores to themselves.
-Then one TorchServe serves the served rows one after the other: each is registered, loaded by
---concurrency client threads (one keep-alive session each, raw image bodies), then unregistered.
-Only 200 answers inside the measured window count; the rest are reported as errors. A row that
-fails (an archive that does not load, say) is reported as failed and the others still run.
+Then one TorchServe serves the served rows one after the other: each is registered, its answers
+to every input checked one request at a time (Python), then loaded by wrk (scripts/loadgen.py: C,
+one event-loop thread, --concurrency keep-alive connections, every input in turn, the token in an
+Authorization header) for --warmup seconds, unreported, and --seconds measured; then unregistered.
+Only 2xx answers count; the rest are reported as errors. Beside each served row the bench reports
+the CPU the client itself used (wrk's user + system seconds over its wall seconds, in cores) and
+what other programs used. Without wrk the served rows fail, naming the command that installs it
+(scripts/ensure_loadgen.sh); `--client python` measures them with the earlier client (Python
+threads in this process, competing with the server for the cores) for a comparison.
+A row that fails (an archive that does not load, say) is reported as failed and the others still run.
+
+The first served row is the echo ceiling: echo.mar, built here from scripts/echo_handler.py (a
+handler that answers "ok", no model), served with the light models' batching (batch 8, 5 ms, one
+worker) and the same client and concurrency: TorchServe's own per-request ceiling on this machine.
+Every variants table then shows each served row as a fraction of min(echo ceiling, its in-process
+rate), the most it could reach.
 
     python -m scripts.bench [--seconds 15] [--in-process-seconds 10] [--concurrency 16] [--warmup 2]
                             [--families image,text,tabular] [--only a,b,c,d]
                             [--variants fp32,amp,int8,compiled,torchscript,onnx,bf16] [--skip-variants]
+                            [--client wrk|python] [--skip-echo] [--models digits,minilm,...]
 
 --families picks the tables: the foundation table and EfficientNet-Lite0/digits are the image family, so
 `--families text,tabular` measures only the text and tabular rows.
@@ -68,6 +81,7 @@ from handler_kit.config import parse_image_classifier  # noqa: E402
 
 from models import sample_data, sentences  # noqa: E402
 from scripts.catalog import FAMILIES, MODEL_STORE, Catalog, ModelEntry, load_catalog  # noqa: E402
+from scripts import loadgen  # noqa: E402
 from scripts.in_process import load_service  # noqa: E402
 from scripts.ts_server import TorchServe  # noqa: E402
 
@@ -105,6 +119,16 @@ CONTENT_TYPES = {"image": "application/octet-stream", "text": "text/plain; chars
 # The fp32 EfficientNet-Lite0 row of the variants table is the foundation's (a) and (b): same archive,
 # same pipeline, same serving settings. It is measured once and shown in both tables.
 FOUNDATION_ALIAS = {IN_PROCESS: "a", SERVED: "b"}
+# The echo ceiling: a handler that answers a constant (scripts/echo_handler.py), no model file,
+# registered with the light models' batching (digits and diabetes in the catalog: batch 8, 5 ms,
+# one worker): what TorchServe itself can answer per second on this machine.
+ECHO_KEY = "echo ceiling"
+ECHO_MODEL = "echo"
+ECHO_HANDLER = os.path.join(ROOT, "scripts", "echo_handler.py")
+ECHO_REGISTRATION = {"batch_size": 8, "max_batch_delay": 5, "initial_workers": 1, "response_timeout": 30}
+ECHO_BODIES = 8  # the first held-out diabetes rows: the smallest real request bodies of the bench
+CLIENTS = {"wrk": "wrk (C, 1 event-loop thread, keep-alive connections)",
+           "python": "Python threads in the bench's process (one requests session each)"}
 
 
 def log(message: str) -> None:
@@ -126,12 +150,18 @@ class Measurement:
     first_error: Optional[str] = None
     foreign_cpu_cores: Optional[float] = None  # CPU used by other programs while measuring
     failure: Optional[str] = None               # the row could not be measured at all
+    client: Optional[str] = None                # served rows: the load generator (CLIENTS)
+    client_cpu_cores: Optional[float] = None    # ... and the CPU it used while measuring
+    # Percentiles the load generator computed itself ("p50" -> ms), where it reports no latencies
+    latency_percentiles_ms: Dict[str, float] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
         return self.items / self.seconds if self.seconds > 0 else 0.0
 
     def percentile(self, q: float) -> Optional[float]:
+        if f"p{q:g}" in self.latency_percentiles_ms:
+            return self.latency_percentiles_ms[f"p{q:g}"]
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
 
     def summary(self) -> dict:
@@ -145,6 +175,8 @@ class Measurement:
                "errors_by_kind": {str(k): v for k, v in self.errors.items()},
                "first_error": self.first_error, "foreign_cpu_cores": _round(self.foreign_cpu_cores, 2),
                "failure": self.failure, "settings": self.settings, "answers": self.answers}
+        if self.client:
+            out.update(client=self.client, client_cpu_cores=_round(self.client_cpu_cores, 3))
         if self.unit == ITEM_UNITS["image"]:
             # The image rows' names from before the text and tabular rows (scripts/kserve.py reads
             # throughput_img_s).
@@ -174,6 +206,14 @@ def answer_summary(body) -> str:
         return f"{len(vector)}-d [{', '.join(f'{v:.4f}' for v in vector[:3])}, ...]"
     if isinstance(body, dict) and isinstance(body.get("predictions"), list):
         return ", ".join(f"{v:.2f}" for v in body["predictions"])
+    if isinstance(body, (str, bytes, bytearray)):
+        # An answer still in its wire form (a handler may hand TorchServe JSON text itself), or
+        # the echo handler's constant, which is not JSON.
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            return (body.decode("utf-8", "replace") if isinstance(body, (bytes, bytearray)) else body)[:60]
+        return parsed[:60] if isinstance(parsed, str) else answer_summary(parsed)
     return top1_label(body)
 
 
@@ -222,10 +262,11 @@ class ForeignCpu:
     def start(self) -> None:
         self._begin = (time.perf_counter(), self._busy_s(), self._ours_s())
 
-    def cores(self) -> float:
+    def cores(self, client_cpu_s: float = 0.0) -> float:
+        """``client_cpu_s``: CPU seconds of a load generator that has exited since start(), ours too."""
         wall, busy, ours = self._begin
         elapsed = time.perf_counter() - wall
-        foreign = (self._busy_s() - busy) - (self._ours_s() - ours)
+        foreign = (self._busy_s() - busy) - (self._ours_s() - ours) - client_cpu_s
         return max(0.0, foreign / elapsed) if elapsed > 0 else 0.0
 
 
@@ -449,17 +490,41 @@ def build_stock_archive(entry: ModelEntry, catalog: Catalog, store: str, workdir
     return os.path.join(store, f"{stock_archive(entry)}.mar")
 
 
+def echo_variant(inputs: Optional[Dict[str, bytes]] = None) -> ServedVariant:
+    """The echo ceiling's served row: echo.mar with the light models' batching, sent the smallest
+    real bodies of the bench (held-out diabetes rows as JSON; the handler ignores them)."""
+    if inputs is None:
+        inputs = dict(list(load_diabetes_rows().items())[:ECHO_BODIES])
+    return ServedVariant(ECHO_KEY, ECHO_MODEL, f"{ECHO_MODEL}.mar", dict(ECHO_REGISTRATION), inputs,
+                         CONTENT_TYPES["tabular"], "req")
+
+
+def build_echo_archive(store: str, workdir: str) -> str:
+    """echo.mar: scripts/echo_handler.py alone (no model file, no weights), built into the bench's
+    own store with torch-model-archiver."""
+    src = os.path.join(workdir, "echo")
+    os.makedirs(src, exist_ok=True)
+    handler = shutil.copy(ECHO_HANDLER, os.path.join(src, os.path.basename(ECHO_HANDLER)))
+    archiver = os.path.join(os.path.dirname(sys.executable), "torch-model-archiver")
+    os.makedirs(store, exist_ok=True)
+    subprocess.run([archiver, "--model-name", ECHO_MODEL, "--version", "1.0", "--handler", handler,
+                    "--export-path", store, "--force"], check=True, cwd=src)
+    return os.path.join(store, f"{ECHO_MODEL}.mar")
+
+
 def prepare_store(entry: ModelEntry, catalog: Catalog, plan: Sequence[ServedVariant],
                   workdir: str) -> str:
-    """A store of its own (links to model_store/ archives), so that the stock archive never
-    lands in model_store/."""
+    """A store of its own (links to model_store/ archives), so that the stock and echo archives
+    never land in model_store/."""
     store = os.path.join(workdir, "store")
     os.makedirs(store)
-    stock_mar = f"{stock_archive(entry)}.mar"
-    for archive in sorted({v.archive for v in plan} - {stock_mar}):
+    stock_mar, echo_mar = f"{stock_archive(entry)}.mar", f"{ECHO_MODEL}.mar"
+    for archive in sorted({v.archive for v in plan} - {stock_mar, echo_mar}):
         os.symlink(os.path.join(MODEL_STORE, archive), os.path.join(store, archive))
     if any(v.archive == stock_mar for v in plan):
         build_stock_archive(entry, catalog, store, workdir)
+    if any(v.archive == echo_mar for v in plan):
+        build_echo_archive(store, workdir)
     return store
 
 
@@ -486,18 +551,28 @@ def register(server: TorchServe, variant: ServedVariant) -> dict:
 
 
 def served_answers(server: TorchServe, variant: ServedVariant) -> Dict[str, str]:
+    """Every input's answer, one request at a time (Python): the per-request check that the
+    served answers are the in-process ones. Load comes from the load generator afterwards."""
     out = {}
     for name, body in variant.inputs.items():
         response = server.client.predict_raw(variant.model_name, body, content_type=variant.content_type)
-        out[name] = (answer_summary(response.json()) if response.status_code == 200
-                     else f"HTTP {response.status_code}: {response.text[:80]}")
+        if response.status_code != 200:
+            out[name] = f"HTTP {response.status_code}: {response.text[:80]}"
+            continue
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = response.text
+        out[name] = answer_summary(answer)
     return out
 
 
 class LoadGenerator:
-    """``concurrency`` threads, each with its own keep-alive session, posting request bodies (one
-    image, text or row each) back to back. Answers completed inside [warm-up end, end] are the
-    measurement."""
+    """The earlier client, kept for `--client python` comparisons only: ``concurrency`` threads in
+    this process, each with its own keep-alive session, posting request bodies (one image, text or
+    row each) back to back. Answers completed inside [warm-up end, end] are the measurement. On a
+    2-core machine its threads compete with the server for the cores (the client CPU it reports
+    is this process's)."""
 
     def __init__(self, url: str, headers: dict, bodies: Sequence[bytes], concurrency: int,
                  timeout_s: float, foreign: ForeignCpu):
@@ -544,12 +619,18 @@ class LoadGenerator:
         self._start.wait()
         time.sleep(max(0.0, self.window[0] - time.perf_counter()))
         self.foreign.start()
+        own = psutil.Process()
+        cpu_begin, wall_begin = own.cpu_times(), time.perf_counter()
         self._report_progress(seconds)
         foreign_cores = self.foreign.cores()
+        cpu_end = own.cpu_times()
+        client_cores = loadgen.client_cores(cpu_end.user - cpu_begin.user, cpu_end.system - cpu_begin.system,
+                                            time.perf_counter() - wall_begin)
         for thread in threads:
             thread.join()
         result = self._measurement(variant)
-        result.foreign_cpu_cores = foreign_cores
+        result.foreign_cpu_cores, result.client_cpu_cores = foreign_cores, client_cores
+        result.client = CLIENTS["python"]
         return result
 
     def _report_progress(self, seconds: float, every_s: float = 5.0) -> None:
@@ -573,29 +654,60 @@ class LoadGenerator:
         return result
 
 
+def measure_with_loadgen(url: str, variant: ServedVariant, token: Optional[str], concurrency: int,
+                         warmup_s: float, seconds: float, timeout_s: float, foreign: ForeignCpu,
+                         workdir: str) -> Measurement:
+    """wrk for ``warmup_s`` (unreported), then for ``seconds``: its figures, its own CPU use, and
+    what the other programs used meanwhile (the server's processes, this one and wrk excluded)."""
+    bodies = list(variant.inputs.values())
+    if warmup_s > 0:
+        loadgen.run(url, bodies, variant.content_type, token, concurrency, warmup_s, timeout_s, workdir)
+    foreign.start()
+    load = loadgen.run(url, bodies, variant.content_type, token, concurrency, seconds, timeout_s, workdir)
+    result = loadgen_measurement(variant.key, load)
+    result.foreign_cpu_cores = foreign.cores(client_cpu_s=load.client_cpu_s or 0.0)
+    return result
+
+
+def loadgen_measurement(key: str, load: "loadgen.LoadResult") -> Measurement:
+    """A served row from wrk's figures: items are the 2xx answers (one per request), errors every
+    other status and every socket error; p50/p99 are wrk's, over the answers it completed."""
+    return Measurement(key, items=load.ok, seconds=load.seconds, errors=load.errors,
+                       first_error=load.first_error, latency_percentiles_ms=dict(load.latency_ms),
+                       client=CLIENTS["wrk"], client_cpu_cores=load.client_cores)
+
+
 def measure_served(server: TorchServe, variant: ServedVariant, concurrency: int, warmup_s: float,
-                   seconds: float) -> Measurement:
+                   seconds: float, client: str = "wrk", workdir: Optional[str] = None) -> Measurement:
+    if client == "wrk":
+        loadgen.find_wrk()  # before registering: a missing tool fails the row at once, saying why
     settings = register(server, variant)
     try:
         answers = served_answers(server, variant)
         log(f"({variant.key}) {settings['workers']} worker(s), batch "
             f"{settings['batch_size']}, delay {settings['max_batch_delay_ms']} ms: {concurrency} "
-            f"clients, warming up {warmup_s:g} s, then measuring {seconds:g} s")
+            f"connections ({client}), warming up {warmup_s:g} s, then measuring {seconds:g} s")
         key = server.client.key("inference")
-        headers = {"Content-Type": variant.content_type,
-                   **({"Authorization": f"Bearer {key}"} if key else {})}
         timeout_s = (settings.get("response_timeout_s") or 120) + 30
-        load = LoadGenerator(f"{server.inference_url}/predictions/{variant.model_name}", headers,
-                             list(variant.inputs.values()), concurrency, timeout_s,
-                             ForeignCpu([server.pid()]))
-        result = load.run(warmup_s, seconds, variant.key)
+        url = f"{server.inference_url}/predictions/{variant.model_name}"
+        foreign = ForeignCpu([server.pid()])
+        if client == "wrk":
+            result = measure_with_loadgen(url, variant, key, concurrency, warmup_s, seconds, timeout_s,
+                                          foreign, workdir or tempfile.gettempdir())
+        else:
+            headers = {"Content-Type": variant.content_type,
+                       **({"Authorization": f"Bearer {key}"} if key else {})}
+            load = LoadGenerator(url, headers, list(variant.inputs.values()), concurrency, timeout_s,
+                                 foreign)
+            result = load.run(warmup_s, seconds, variant.key)
     finally:
         unregister(server, variant.model_name)
     result.settings = {**settings, "archive": variant.archive, "concurrency": concurrency,
                        "model_name": variant.model_name}
     result.answers, result.unit = answers, variant.unit
-    log(f"({variant.key}) {result.throughput:.1f} {variant.unit}/s "
-        f"(other programs used {result.foreign_cpu_cores:.2f} cores meanwhile)")
+    log(f"({variant.key}) {result.throughput:.1f} {variant.unit}/s, p50 {_fmt(result.percentile(50))} ms, "
+        f"{sum(result.errors.values())} errors (client used {_fmt(result.client_cpu_cores, 2)} cores, "
+        f"other programs {result.foreign_cpu_cores:.2f})")
     return result
 
 
@@ -610,6 +722,15 @@ def unregister(server: TorchServe, model_name: str) -> None:
 def run_served(entry: ModelEntry, catalog: Catalog, plan: Sequence[ServedVariant], args,
                workdir: str) -> List[Measurement]:
     """Every served row on one TorchServe, one model registered at a time."""
+    client = getattr(args, "client", "wrk")
+    try:
+        if client == "wrk":
+            loadgen.find_wrk()
+    except loadgen.LoadgenMissing as exc:
+        # No silent fallback to a client that would measure something else: every served row fails.
+        log(f"!!! {exc}")
+        log("!!! every served row fails; `--client python` measures them with the slower Python client")
+        return [Measurement(v.key, failure=str(exc), unit=v.unit) for v in plan]
     store = prepare_store(entry, catalog, plan, workdir)
     server = TorchServe.from_catalog(os.path.join(workdir, "server"), catalog, store)
     results = []
@@ -618,7 +739,8 @@ def run_served(entry: ModelEntry, catalog: Catalog, plan: Sequence[ServedVariant
         server.start()
         for variant in plan:
             result = attempt(variant.key, lambda: measure_served(server, variant, args.concurrency,
-                                                                 args.warmup, args.seconds), variant.unit)
+                                                                 args.warmup, args.seconds, client,
+                                                                 workdir), variant.unit)
             if result.failure:
                 log(f"server log tail:\n{server.log_tail()}")
             results.append(result)
@@ -761,8 +883,17 @@ def runtime_label(family: str, handler: dict) -> str:
     return ", ".join(["eager", *extras])
 
 
+def ceiling(in_process: Optional[Measurement], echo: Optional[Measurement]) -> tuple:
+    """(rate, which) the served row could reach at most: min(echo ceiling, in-process rate), or
+    (None, None) where neither was measured."""
+    bounds = [(m.throughput, name) for m, name in ((echo, "echo"), (in_process, "in-process"))
+              if m is not None and not m.failure and m.throughput > 0]
+    return min(bounds) if bounds else (None, None)
+
+
 def variant_report(table: VariantTable, results: Dict[str, Measurement]) -> List[dict]:
     """The variants table's rows, for the JSON and the markdown alike."""
+    echo = results.get(ECHO_KEY)
     fp32 = next((r for r in table.rows if r.entry.variant == "fp32"), None)
     fp32_in_process = results.get(fp32.in_process_key) if fp32 else None
     fp32_served = results.get(fp32.served_key) if fp32 else None
@@ -770,6 +901,8 @@ def variant_report(table: VariantTable, results: Dict[str, Measurement]) -> List
     for row in table.rows:
         in_process, served = results.get(row.in_process_key), results.get(row.served_key)
         handler = read_model_config(os.path.join(MODEL_STORE, row.entry.mar_name))["handler"]
+        bound, bound_of = ceiling(in_process, echo)
+        reached = None if bound is None or served is None or served.failure else served.throughput / bound
         report.append({
             "variant": row.entry.variant, "archive": row.entry.mar_name, "family": table.base.family,
             "runtime": runtime_label(table.base.family, handler),
@@ -778,6 +911,8 @@ def variant_report(table: VariantTable, results: Dict[str, Measurement]) -> List
             "served_over_in_process": _round(ratio(served, in_process), 3),
             "speed_vs_fp32_served": _round(ratio(served, fp32_served), 3),
             "speed_vs_fp32_in_process": _round(ratio(in_process, fp32_in_process), 3),
+            # served throughput / min(echo ceiling, in-process rate): how close to what it could reach
+            "served_over_ceiling": _round(reached, 3), "ceiling": bound_of,
             "fidelity": archive_fidelity(row.entry, handler)})
     return report
 
@@ -856,16 +991,17 @@ def variants_markdown(table: VariantTable, report: List[dict], results: Dict[str
     lines = [f"Variants of {base.name} (model_store/{base.name}[_<variant>].mar; in-process batch "
              f"{base.serving['batchSize']}, served with the catalog's serving settings):", "",
              f"| variant | in-process {unit}/s | served {unit}/s (concurrency {concurrency}) | p50 ms | "
-             f"p99 ms | served/in-process | speed vs fp32 served | {FIDELITY_HEADERS[table.metric]} |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             f"p99 ms | served/in-process | served/min(echo, in-process) | speed vs fp32 served | "
+             f"{FIDELITY_HEADERS[table.metric]} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row, figures in zip(table.rows, report):
         in_process, served = results.get(row.in_process_key), results.get(row.served_key)
         lines.append(
             f"| {row.entry.variant} ({figures['runtime']}) | {_throughput(in_process)} | "
             f"{_throughput(served)} | {_fmt(served.percentile(50) if served else None)} | "
             f"{_fmt(served.percentile(99) if served else None)} | "
-            f"{_fmt(figures['served_over_in_process'], 2)} | {_fmt(figures['speed_vs_fp32_served'], 2)} | "
-            f"{fidelity_cell(table.metric, figures['fidelity'])} |")
+            f"{_fmt(figures['served_over_in_process'], 2)} | {ceiling_cell(figures)} | "
+            f"{_fmt(figures['speed_vs_fp32_served'], 2)} | {fidelity_cell(table.metric, figures['fidelity'])} |")
     lines.append("")
     keys = [k for row in table.rows for k in (row.in_process_key, row.served_key)]
     failed = [f"- {k}: FAILED {results[k].failure}" for k in keys if k in results and results[k].failure]
@@ -876,6 +1012,9 @@ def variants_markdown(table: VariantTable, report: List[dict], results: Dict[str
     lines.append(f"One request carries one {ITEM_NOUNS[base.family]}: served {unit}/s is also requests/s. "
                  "p50/p99 are the served latencies per request, measured by the client; fidelity "
                  "figures are the build's (handler.meta.fidelity in each archive).")
+    if ECHO_KEY in results and not results[ECHO_KEY].failure:
+        lines.append("served/min(echo, in-process): the served rate over the most it could reach, the "
+                     "echo ceiling or the in-process rate, whichever is lower (named in brackets).")
     shared = sorted(set(keys) & set(ALL_VARIANTS))
     if shared:
         lines.append(f"The fp32 row is {' and '.join(f'({k})' for k in shared)} of the first table, "
@@ -883,9 +1022,45 @@ def variants_markdown(table: VariantTable, report: List[dict], results: Dict[str
     return lines + [""]
 
 
+def ceiling_cell(figures: dict) -> str:
+    if figures.get("served_over_ceiling") is None:
+        return "-"
+    return f"{figures['served_over_ceiling']:.2f} ({figures['ceiling']})"
+
+
+def echo_markdown(echo: Measurement) -> List[str]:
+    """The echo ceiling: TorchServe's per-request ceiling on this machine."""
+    if echo.failure:
+        return [f"Echo ceiling ({ECHO_MODEL}.mar): FAILED {echo.failure}", ""]
+    settings = echo.settings
+    lines = [f"Echo ceiling (TorchServe's per-request ceiling on this machine): {echo.throughput:.1f} req/s, "
+             f"p50 {_fmt(echo.percentile(50))} ms, p99 {_fmt(echo.percentile(99))} ms, "
+             f"{_errors(echo)} errors; a handler that answers \"ok\" with no model "
+             f"(scripts/echo_handler.py), batch {settings.get('batch_size')}, delay "
+             f"{settings.get('max_batch_delay_ms')} ms, {settings.get('workers')} worker, concurrency "
+             f"{settings.get('concurrency')}, the same client as every served row."]
+    lines += contention_notes({ECHO_KEY: echo}, [ECHO_KEY])
+    return lines
+
+
+def client_markdown(header: dict) -> List[str]:
+    client = header.get("client")
+    if not client:
+        return []
+    line = f"Load generator of the served rows: {client['description']}"
+    if client.get("version"):
+        line += f" - {client['version']}"
+    line += ("; every input in turn, one per request. Each served row's answers to every input are "
+             "also checked one request at a time (Python) before it is measured.")
+    return [line, ""]
+
+
 def markdown(results: Dict[str, Measurement], ratio_rows: List[dict],
              tables: Sequence[VariantTable], reports: Dict[str, List[dict]], header: dict) -> str:
     lines = header_markdown(header)
+    lines += client_markdown(header)
+    if ECHO_KEY in results:
+        lines += echo_markdown(results[ECHO_KEY])
     if any(k in results for k in ALL_VARIANTS):
         lines += foundation_markdown(results, ratio_rows)
     for table in tables:
@@ -900,6 +1075,12 @@ def contention_notes(results: Dict[str, Measurement], keys: Sequence[str]) -> Li
         return []
     listed = ", ".join(f"({k}) {v:.2f}" for k, v in measured.items())
     lines = [f"CPU cores used by other programs while measuring: {listed}."]
+    clients = {k: results[k].client_cpu_cores for k in keys
+               if k in results and results[k].client_cpu_cores is not None}
+    if clients:
+        names = sorted({results[k].client.split(" ")[0] for k in clients if results[k].client})
+        lines.append(f"CPU cores used by the client ({', '.join(names)}) while measuring: "
+                     f"{', '.join(f'({k}) {v:.2f}' for k, v in clients.items())}.")
     noisy = [k for k, v in measured.items() if v > FOREIGN_CPU_WARNING]
     if noisy:
         lines.append(f"WARNING: other programs competed for the CPU during "
@@ -957,7 +1138,9 @@ def write_results(results: Dict[str, Measurement], ratio_rows: List[dict],
     with open(os.path.join(RESULTS_DIR, "latest.json"), "w", encoding="utf-8") as f:
         # "variants" keeps its meaning from before the archive variants: the foundation's (a)-(d).
         json.dump({**header, "variants": {k: results[k].summary() for k in ALL_VARIANTS if k in results},
-                   "ratios": ratio_rows, "archive_variants": reports}, f, indent=2)
+                   "ratios": ratio_rows, "archive_variants": reports,
+                   "echo_ceiling": results[ECHO_KEY].summary() if ECHO_KEY in results else None},
+                  f, indent=2)
     with open(os.path.join(RESULTS_DIR, "latest.md"), "w", encoding="utf-8") as f:
         f.write(table)
 
@@ -982,10 +1165,19 @@ def parse_args(argv, variant_names: Sequence[str]):
                              f"(default all: {','.join(variant_names)})")
     parser.add_argument("--skip-variants", action="store_true",
                         help="only the foundation table (a)-(d)")
+    parser.add_argument("--models", default=",".join(INPUTS),
+                        help=f"comma-separated subset of {','.join(INPUTS)} (default all): the models of "
+                             f"--families to measure; the foundation table is {MODEL}'s")
+    parser.add_argument("--client", choices=sorted(CLIENTS), default="wrk",
+                        help="load generator of the served rows: wrk (default; scripts/ensure_loadgen.sh "
+                             "installs it) or python (the earlier client threads, for comparison only)")
+    parser.add_argument("--skip-echo", action="store_true",
+                        help="no echo ceiling row (nor the served/min(echo, in-process) figures)")
     args = parser.parse_args(argv)
     args.families = _comma_list(parser, "--families", args.families, FAMILIES)
     args.only = _comma_list(parser, "--only", args.only, ALL_VARIANTS)
     args.variants = _comma_list(parser, "--variants", args.variants, variant_names)
+    args.models = _comma_list(parser, "--models", args.models, list(INPUTS))
     if args.seconds <= 0 or args.in_process_seconds <= 0 or args.warmup < 0 or args.concurrency < 1:
         parser.error("--seconds and --in-process-seconds must be > 0, --warmup >= 0 and "
                      "--concurrency >= 1")
@@ -1011,9 +1203,10 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     entry = catalog.model(MODEL)
     # The foundation table is EfficientNet-Lite0's: image family.
-    foundation = args.only if "image" in args.families else []
+    foundation = args.only if "image" in args.families and MODEL in args.models else []
     tables = [] if args.skip_variants else plan_variant_tables(catalog, args.variants, foundation,
                                                                args.families)
+    tables = [t for t in tables if t.base.name in args.models]
     needed = [entry.mar_name] if foundation else []
     needed += [row.entry.mar_name for t in tables for row in t.rows]
     if not needed:
@@ -1028,7 +1221,10 @@ def main(argv=None) -> int:
     inputs = {name: INPUTS[name]() for name in models}
     in_process = in_process_plan(entry, foundation, tables)
     served = served_plan(entry, foundation, tables, inputs)
-    log(f"{len(in_process)} in-process row(s), then {len(served)} served row(s) on one TorchServe")
+    if served and not args.skip_echo:
+        served.insert(0, echo_variant())  # first, on the freshly started server
+    log(f"{len(in_process)} in-process row(s), then {len(served)} served row(s) on one TorchServe "
+        f"(client: {args.client})")
     header = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "seconds": args.seconds, "in_process_seconds": args.in_process_seconds,
               "warmup": args.warmup, "concurrency": args.concurrency,
@@ -1036,6 +1232,10 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
               "python": platform.python_version(), "families": args.families, "models": models,
               "inputs": {name: len(bodies) for name, bodies in inputs.items()}}
+    if served:
+        header["client"] = {"name": args.client, "description": CLIENTS[args.client],
+                            "version": loadgen.version() if args.client == "wrk" else "",
+                            **({"threads": loadgen.THREADS} if args.client == "wrk" else {})}
     if MODEL in inputs:
         header["photos"] = list(inputs[MODEL])
     results: Dict[str, Measurement] = {}
