@@ -453,15 +453,7 @@ def _policy(doc: dict, catalog: Catalog) -> List[str]:
         pod_security = pod.get("securityContext") or {}
         for i, container in enumerate(pod.get("containers") or []):
             where = f"containers[{i}] ({container.get('name')})"
-            security = container.get("securityContext") or {}
-            if not (security.get("runAsNonRoot") or pod_security.get("runAsNonRoot")):
-                problems.append(f"{where}: runAsNonRoot is not set")
-            if security.get("allowPrivilegeEscalation") is not False:
-                problems.append(f"{where}: allowPrivilegeEscalation must be false")
-            if security.get("readOnlyRootFilesystem") is not True:
-                problems.append(f"{where}: readOnlyRootFilesystem must be true")
-            if "ALL" not in ((security.get("capabilities") or {}).get("drop") or []):
-                problems.append(f"{where}: capabilities.drop must hold ALL")
+            problems += container_security_problems(container, where, pod_security.get("runAsNonRoot") is True)
             for probe in ("readinessProbe", "livenessProbe"):
                 if not container.get(probe):
                     problems.append(f"{where}: {probe} is missing")
@@ -504,6 +496,23 @@ def _policy(doc: dict, catalog: Catalog) -> List[str]:
             problems.append("spec needs exactly one of minAvailable and maxUnavailable")
         if not (spec.get("selector") or {}).get("matchLabels"):
             problems.append("spec.selector is missing: the budget would cover no pods")
+    return problems
+
+
+
+def container_security_problems(container: dict, where: str, pod_runs_as_non_root: bool = False) -> List[str]:
+    """The container rules every manifest of this project keeps (Deployment and KServe runtime):
+    non-root, no privilege escalation, read-only root filesystem, every capability dropped."""
+    security = container.get("securityContext") or {}
+    problems = []
+    if not (security.get("runAsNonRoot") is True or pod_runs_as_non_root):
+        problems.append(f"{where}: runAsNonRoot must be true")
+    if security.get("allowPrivilegeEscalation") is not False:
+        problems.append(f"{where}: allowPrivilegeEscalation must be false")
+    if security.get("readOnlyRootFilesystem") is not True:
+        problems.append(f"{where}: readOnlyRootFilesystem must be true")
+    if "ALL" not in ((security.get("capabilities") or {}).get("drop") or []):
+        problems.append(f"{where}: capabilities.drop must hold ALL")
     return problems
 
 

@@ -579,17 +579,10 @@ def _runtime_rules(manifest: dict) -> List[str]:
     if [c.get("name") for c in containers][:1] != [CONTAINER]:
         problems.append(f"spec.containers[0] must be named {CONTAINER!r}: KServe merges the model spec into it "
                         "and mounts the storage there")
+    from scripts.k8s import container_security_problems  # here: scripts.k8s imports this module
     for i, container in enumerate(containers):
         where = f"spec.containers[{i}] ({container.get('name')})"
-        security = container.get("securityContext") or {}
-        if security.get("runAsNonRoot") is not True:
-            problems.append(f"{where}: runAsNonRoot must be true")
-        if security.get("allowPrivilegeEscalation") is not False:
-            problems.append(f"{where}: allowPrivilegeEscalation must be false")
-        if security.get("readOnlyRootFilesystem") is not True:
-            problems.append(f"{where}: readOnlyRootFilesystem must be true")
-        if "ALL" not in ((security.get("capabilities") or {}).get("drop") or []):
-            problems.append(f"{where}: capabilities.drop must hold ALL")
+        problems += container_security_problems(container, where)
         if not container.get("readinessProbe"):
             problems.append(f"{where}: readinessProbe is missing")
     formats = spec.get("supportedModelFormats") or []
