@@ -2,6 +2,7 @@
 in torchvision (a file of theirs), a plain state_dict, a labels file and their preprocessing,
 declared by one catalog entry. The build packages it, gates its variants for fidelity, the
 archive answers photographs, and the benchmark's stock-handler archive serves the same network."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -47,14 +48,11 @@ def own_model(tmp_path_factory):
     """(catalog path, model store) after `build_archives` built the user's entry and variants."""
     folder = tmp_path_factory.mktemp("own-model")
     (folder / "pebble.py").write_text(ARCHITECTURE)
-    sys.path.insert(0, str(folder))
-    try:
-        import pebble
-        torch.manual_seed(0)
-        net = pebble.pebble_net(num_classes=len(LABELS)).eval()
-    finally:
-        sys.path.remove(str(folder))
-        sys.modules.pop("pebble", None)
+    spec = importlib.util.spec_from_file_location("pebble", folder / "pebble.py")
+    pebble = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pebble)
+    torch.manual_seed(0)
+    net = pebble.pebble_net(num_classes=len(LABELS)).eval()
     torch.save(net.state_dict(), folder / "pebble.pt")
     (folder / "labels.json").write_text(json.dumps(LABELS))
     with open(CATALOG_PATH, encoding="utf-8") as f:

@@ -64,8 +64,9 @@ def decode(data: bytes, color: str, max_pixels: int, min_short_side: int = 0) ->
     JPEG whose shorter side is at least twice ``min_short_side`` is decoded reduced (DCT scaling),
     its shorter side still ``min_short_side`` or more."""
     fmt, width, height = inspect_header(data, max_pixels)
-    if fmt == "JPEG" and jpeg_scale(width, height, min_short_side) > 1:
-        return decode_with_pil(data, fmt, color, jpeg_scale(width, height, min_short_side))
+    scale = jpeg_scale(width, height, min_short_side) if fmt == "JPEG" else 1
+    if scale > 1:
+        return decode_with_pil(data, fmt, color, scale)
     if fmt == "PNG":
         # torchvision 0.29's decode_png kills the process (SIGSEGV) on any libpng error, such as
         # a bad CRC or corrupt compressed data; PIL raises instead.
