@@ -54,3 +54,15 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def phone_photo_bytes(quality: int = 95) -> bytes:
+    """A 12 MP (4032x3024) JPEG as phones take them: flower.jpg enlarged with fixed sensor-like
+    noise, so that it compresses like a real photo (about 7 MB at quality 95, above TorchServe's
+    default 6.5 MB request limit). Deterministic: the same bytes on every machine."""
+    photo = Image.open(io.BytesIO(photo_bytes()[1])).convert("RGB").resize((4032, 3024))
+    noise = np.random.default_rng(0).integers(-30, 30, (3024, 4032, 3))
+    photo = Image.fromarray(np.clip(np.asarray(photo, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()

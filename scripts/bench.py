@@ -39,7 +39,7 @@ rate), the most it could reach.
 
     python -m scripts.bench [--seconds 15] [--in-process-seconds 10] [--concurrency 16] [--warmup 2]
                             [--families image,text,tabular] [--only a,b,c,d]
-                            [--variants fp32,amp,int8,compiled,torchscript,onnx,bf16] [--skip-variants]
+                            [--variants fp32,bf16,int8,torchscript,onnx] [--skip-variants]
                             [--client wrk|python] [--skip-echo] [--models digits,minilm,...]
 
 --families picks the tables: the foundation table and EfficientNet-Lite0/digits are the image family, so

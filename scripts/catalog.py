@@ -21,6 +21,11 @@ VARIANT_KEYS = ("variant", "transform", "runtime", "serving", "load_at_start")
 VERSION_KEYS = ("version", "description", "weights", "serving", "load_at_start")
 FAMILIES = ("image", "text", "tabular")
 TRANSFORMS = ("torchscript", "int8_x86", "onnx")  # image family only; other variants are runtime-only
+# One vocabulary of variant names across families: a variant is named for what it changes
+# (implied_variant_name), so that bf16 means autocast to bfloat16 and torchscript means TorchScript
+# everywhere.
+VARIANT_NAMES = ("torchscript", "onnx", "int8", "bf16", "fp16")
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16"}
 FIDELITY_METRICS = {"image": ("accuracy", "agreement"), "text": ("embedding",), "tabular": ("regression",)}
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
@@ -178,6 +183,17 @@ def _transform(transform, family: str, where: str) -> Optional[dict]:
     return transform
 
 
+def implied_variant_name(transform: Optional[dict], runtime: dict) -> str:
+    """The vocabulary name of a variant: its transform (TorchScript, ONNX, int8), else its
+    runtime change (dynamic int8 quantization, autocast dtype)."""
+    kind = (transform or {}).get("kind")
+    if kind:
+        return "int8" if kind == "int8_x86" else kind
+    if runtime.get("quantization", "none") != "none":
+        return "int8"
+    return DTYPE_NAMES.get(runtime.get("dtype"), "?")
+
+
 def _variant(base: ModelEntry, raw: dict, where: str) -> ModelEntry:
     """A variant: the base model's archive with a transform and/or runtime/serving overrides."""
     if not isinstance(raw, dict) or "variant" not in raw:
@@ -186,6 +202,10 @@ def _variant(base: ModelEntry, raw: dict, where: str) -> ModelEntry:
     if unknown:
         raise CatalogError(f"{where}: unknown key '{unknown[0]}'; allowed: {', '.join(VARIANT_KEYS)}")
     transform = _transform(raw.get("transform"), base.family, where)  # not inherited: none means eager
+    implied = implied_variant_name(transform, raw.get("runtime") or {})
+    if raw["variant"] != implied:
+        raise CatalogError(f"{where}.variant: '{raw['variant']}' does not name what the variant does; "
+                           f"call it '{implied}' (variant names: {', '.join(VARIANT_NAMES)})")
     handler_config = json.loads(json.dumps(base.handler_config))
     handler_config.setdefault("runtime", {}).update(raw.get("runtime") or {})
     serving = {**base.serving, **(raw.get("serving") or {})}

@@ -96,7 +96,12 @@ def test_catalog_errors_name_the_key(tmp_path):
     cases = [(lambda m: m.update(family="audio"), "family 'audio' must be one of image, text, tabular"),
              (lambda m: m.update(default_version="9.9"), "default_version '9.9' is not one of"),
              (lambda m: m["versions"].append({"version": "3.0", "wieghts": {}}), "unknown key 'wieghts'"),
-             (lambda m: m["versions"].append({"version": "2.0"}), "must be unique")]
+             (lambda m: m["versions"].append({"version": "2.0"}), "must be unique"),
+             # one vocabulary of variant names: amp/compiled were bf16/torchscript under other names
+             (lambda m: m["variants"][0].update(variant="amp"),
+              "'amp' does not name what the variant does; call it 'bf16'"),
+             (lambda m: m["variants"].append({"variant": "compiled", "transform": {"kind": "torchscript"}}),
+              "call it 'torchscript'")]
     for mutate, message in cases:
         broken = json.loads(json.dumps(raw))
         mutate(next(m for m in broken["models"] if m["name"] == "digits"))

@@ -573,7 +573,7 @@ def test_replicas_come_up_through_the_entrypoint(rehearsal):
         # token authorization is off in the replica: /ping and management answer without a key
         assert requests.get(replica.inference_url + "/ping", timeout=5).status_code == 200
         # the model API is off, as in the pods
-        r = requests.post(replica.management_url + "/models", params={"url": "digits_amp.mar"}, timeout=10)
+        r = requests.post(replica.management_url + "/models", params={"url": "digits_bf16.mar"}, timeout=10)
         assert r.status_code >= 400
 
 

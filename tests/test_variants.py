@@ -83,13 +83,13 @@ def test_build_refuses_quantization_without_calibration(tmp_path):
     with open(CATALOG_PATH) as f:
         catalog = yaml.safe_load(f)
     digits = next(m for m in catalog["models"] if m["name"] == "digits")
-    digits["variants"] = [{"variant": "uncalibrated", "transform": {"kind": "int8_x86", "calibration": "none"}}]
+    digits["variants"] = [{"variant": "int8", "transform": {"kind": "int8_x86", "calibration": "none"}}]
     catalog["models"] = [digits]
     path = tmp_path / "catalog.yaml"
     path.write_text(yaml.safe_dump(catalog))
     result = subprocess.run([sys.executable, "-m", "scripts.build_archives", "--catalog", str(path),
-                             "--only", "digits_uncalibrated", "--export-path", str(tmp_path / "store")],
+                             "--only", "digits_int8", "--export-path", str(tmp_path / "store")],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1
-    assert "REFUSED digits_uncalibrated: held-out accuracy" in result.stdout
-    assert not (tmp_path / "store" / "digits_uncalibrated.mar").exists()
+    assert "REFUSED digits_int8: held-out accuracy" in result.stdout
+    assert not (tmp_path / "store" / "digits_int8.mar").exists()
