@@ -158,3 +158,23 @@ def test_a_table_row_per_recorded_archive():
     rows = [line for line in lines if line.startswith("| `")]
     assert [r.split("`")[1] for r in rows] == [row["archive"] for row in results["archives"]]
     assert all(r.count("|") == 5 for r in rows)  # no stray pipe splits a cell
+
+
+def test_readme_shows_one_example_per_family_with_its_answer():
+    """README's quick start: a curl per family, each followed by an answer of the shape that
+    tests/test_readme.py checks when it runs that curl against a real TorchServe."""
+    from models.sample_data import PHOTO_CLASSES
+    with open(readme_tables.README_PATH, encoding="utf-8") as f:
+        quick_start = f.read().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(bash|json)\n(.*?)```", quick_start, re.S)
+    answers = {}
+    for (kind, body), (next_kind, answer) in zip(blocks, blocks[1:]):
+        if kind == "bash" and next_kind == "json" and body.startswith("curl "):
+            answers[re.search(r"/predictions/(\w+)", body).group(1)] = answer
+    assert set(answers) == {"efficientnet_lite0", "minilm", "diabetes"}
+    assert "build/samples/china.jpg" in quick_start
+    top1 = re.search(r'"label": "([^"]+)"', answers["efficientnet_lite0"]).group(1)
+    assert top1 in PHOTO_CLASSES["china.jpg"]
+    assert '"dimension": 384' in answers["minilm"] and '"embeddings"' in answers["minilm"]
+    prediction = float(re.search(r'"predictions": \[([0-9.]+)\]', answers["diabetes"]).group(1))
+    assert 25 <= prediction <= 346  # the target's range, as tests/test_readme.py checks
