@@ -108,7 +108,7 @@ def project_image() -> str:
 def deploy_settings(catalog: Catalog) -> dict:
     deploy = catalog.deploy
     if not deploy:
-        raise DeployError("models/catalog.yaml has no deploy: block; see README 'Deploying on KServe'")
+        raise DeployError("models/catalog.yaml has no deploy: block; see docs/deployment.md 'Deploying on KServe'")
     if deploy.get("deployment_mode") not in DEPLOYMENT_MODES:
         raise DeployError(f"deploy.deployment_mode {deploy.get('deployment_mode')!r}: one of "
                           f"{', '.join(DEPLOYMENT_MODES)} (Standard for KServe releases since the rename)")

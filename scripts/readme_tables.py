@@ -1,16 +1,19 @@
-"""README tables that a tool measured, written from recorded results and never by hand.
+"""The documentation's generated tables, written by tools from recorded results and never by hand.
 
     python -m scripts.readme_tables record        # the built archives' fidelity figures -> docs/results/fidelity.json
     python -m scripts.readme_tables record-bench  # make bench's build/bench/latest.md -> docs/results/bench.md
-    python -m scripts.readme_tables write         # README.md's generated blocks from docs/results/
-    python -m scripts.readme_tables check         # exit 1 if README.md differs from what `write` gives
+    python -m scripts.readme_tables write         # every page's generated blocks (GENERATED_PAGES)
+    python -m scripts.readme_tables check         # exit 1 if a page differs from what `write` gives
 
 The fidelity gate measures every variant when `make build` packages it (scripts/fidelity.py) and
 the figures travel in the archive (`handler.meta.fidelity`). `record` copies them, with the CPU
-that measured them, into docs/results/fidelity.json (committed); `write` renders README's block
-between the markers below from that file, and a test checks README against it, so the table is
-always the one the tool wrote from the recorded figures. `record-bench` does the same for the
-tables `make bench` printed (its latest.md, as the benchmark wrote it).
+that measured them, into docs/results/fidelity.json (committed); `write` renders the block of
+docs/variants-and-fidelity.md between the markers below from that file, and a test checks the
+page against it, so the table is always the one the tool wrote from the recorded figures.
+`record-bench` does the same for the tables `make bench` printed (its latest.md, as the benchmark
+wrote it), rendered into docs/benchmarks.md. The bad-input case tables of
+docs/formats-and-errors.md are written from the corpus itself (scripts/bad_inputs.py `cases()`,
+with the catalog's limits), so they change when the corpus or the limits do.
 """
 import argparse
 import json
@@ -25,11 +28,16 @@ import yaml
 from scripts.catalog import MODEL_STORE, ROOT, Catalog, load_catalog
 
 README_PATH = os.path.join(ROOT, "README.md")
+DOCS = os.path.join(ROOT, "docs")
+FIDELITY_PAGE = os.path.join(DOCS, "variants-and-fidelity.md")
+BENCH_PAGE = os.path.join(DOCS, "benchmarks.md")
+CASES_PAGE = os.path.join(DOCS, "formats-and-errors.md")
 FIDELITY_RESULTS = os.path.join(ROOT, "docs", "results", "fidelity.json")
 BENCH_RESULTS = os.path.join(ROOT, "docs", "results", "bench.md")
 BENCH_LATEST = os.path.join(ROOT, "build", "bench", "latest.md")
 START, END = "<!-- generated:fidelity-table start -->", "<!-- generated:fidelity-table end -->"
 BENCH_START, BENCH_END = "<!-- generated:bench start -->", "<!-- generated:bench end -->"
+CASES_START, CASES_END = "<!-- generated:bad-input-cases start -->", "<!-- generated:bad-input-cases end -->"
 
 
 def archive_meta(mar_path: str) -> dict:
@@ -114,9 +122,9 @@ def fidelity_table(results: dict) -> List[str]:
     return lines
 
 
-def render_block(text: str, start: str, end: str, lines: List[str]) -> str:
+def render_block(text: str, start: str, end: str, lines: List[str], page: str = "README.md") -> str:
     if start not in text or end not in text:
-        raise SystemExit(f"README.md lacks the markers {start} ... {end}")
+        raise SystemExit(f"{page} lacks the markers {start} ... {end}")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     return head + start + "\n" + "\n".join(lines) + "\n" + end + tail
@@ -143,9 +151,72 @@ def bench_lines(path: str = BENCH_RESULTS) -> List[str]:
                 ""] + f.read().rstrip("\n").splitlines()
 
 
-def rendered_readme(readme: str, results: Dict, bench_path: str = BENCH_RESULTS) -> str:
-    readme = render_block(readme, START, END, fidelity_table(results))
-    return render_block(readme, BENCH_START, BENCH_END, bench_lines(bench_path))
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _expectation(case) -> str:
+    """What a case must get, as the corpus says it: the fragment a 4xx message must contain, or
+    (a 200) what the answer must equal and the checks it must pass."""
+    if case.status != 200:
+        return f"`{_cell(case.message)}`" if case.message else "any message"
+    answer = case.what.rpartition(": ")[2] if ": " in case.what else ""
+    checks = [str(c) for c in case.checks]
+    if case.reference is not None:
+        checks.append(f"within {case.tolerance:g} of the reference's answer")
+    parts = [answer] if answer else []
+    if checks:
+        parts.append("checked: " + ", ".join(checks))
+    return _cell("; ".join(parts))
+
+
+def case_tables(selected) -> List[str]:
+    """One table per model of the bad-input corpus: case, input, status, expectation."""
+    models = list(dict.fromkeys(case.model for case in selected))
+    lines = [f"Written by `python -m scripts.readme_tables write` from the corpus (`scripts.bad_inputs.cases()`, "
+             f"limits from the catalog): {len(selected)} cases, {len(models)} models.", ""]
+    for model in models:
+        mine = [case for case in selected if case.model == model]
+        lines += [f"**{model}** ({len(mine)} cases)", "",
+                  "| case | input | status | message contains, or what the answer equals |", "|---|---|---:|---|"]
+        for case in mine:
+            what = case.what.rpartition(": ")[0] if case.status == 200 and ": " in case.what else case.what
+            lines.append(f"| {case.name} | {_cell(what)} | {case.status} | {_expectation(case)} |")
+        lines.append("")
+    return lines[:-1]
+
+
+def corpus_cases():
+    from scripts import bad_inputs
+    return bad_inputs.cases()
+
+
+def generated_blocks(results: Dict = None, bench_path: str = BENCH_RESULTS, selected=None) -> Dict[str, list]:
+    """{page: [(start marker, end marker, lines)]}: every generated block of the documentation."""
+    results = load_results() if results is None else results
+    selected = corpus_cases() if selected is None else selected
+    return {FIDELITY_PAGE: [(START, END, fidelity_table(results))],
+            BENCH_PAGE: [(BENCH_START, BENCH_END, bench_lines(bench_path))],
+            CASES_PAGE: [(CASES_START, CASES_END, case_tables(selected))]}
+
+
+GENERATED_PAGES = (FIDELITY_PAGE, BENCH_PAGE, CASES_PAGE)
+
+
+def rendered_page(text: str, blocks: list, page: str) -> str:
+    for start, end, lines in blocks:
+        text = render_block(text, start, end, lines, os.path.relpath(page, ROOT))
+    return text
+
+
+def rendered_pages(**kwargs) -> Dict[str, tuple]:
+    """{page: (its text now, its text as `write` gives it)}."""
+    out = {}
+    for page, blocks in generated_blocks(**kwargs).items():
+        with open(page, encoding="utf-8") as f:
+            text = f.read()
+        out[page] = (text, rendered_page(text, blocks, page))
+    return out
 
 
 def main(argv=None) -> int:
@@ -160,18 +231,19 @@ def main(argv=None) -> int:
         record_bench()
         print(f"recorded {os.path.relpath(BENCH_LATEST, ROOT)} in {os.path.relpath(BENCH_RESULTS, ROOT)}")
         args.command = "write"
-    with open(README_PATH, encoding="utf-8") as f:
-        readme = f.read()
-    expected = rendered_readme(readme, load_results())
+    pages = rendered_pages()
     if args.command == "check":
-        if expected != readme:
-            print("README.md's generated tables are stale: run `python -m scripts.readme_tables write`",
+        stale = [os.path.relpath(page, ROOT) for page, (now, expected) in pages.items() if now != expected]
+        if stale:
+            print(f"generated tables are stale in {', '.join(stale)}: run `python -m scripts.readme_tables write`",
                   file=sys.stderr)
             return 1
         return 0
-    with open(README_PATH, "w", encoding="utf-8") as f:
-        f.write(expected)
-    print("README.md: generated tables written")
+    for page, (now, expected) in pages.items():
+        if now != expected:
+            with open(page, "w", encoding="utf-8") as f:
+                f.write(expected)
+            print(f"{os.path.relpath(page, ROOT)}: generated tables written")
     return 0
 
 
