@@ -83,7 +83,7 @@ from models import sample_data, sentences  # noqa: E402
 from scripts.catalog import FAMILIES, MODEL_STORE, Catalog, ModelEntry, load_catalog  # noqa: E402
 from scripts import loadgen  # noqa: E402
 from scripts.in_process import load_service  # noqa: E402
-from scripts.ts_server import TorchServe  # noqa: E402
+from scripts.ts_server import TorchServe, archiver_command  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 RESULTS_DIR = os.path.join(ROOT, "build", "bench")
@@ -480,9 +480,9 @@ def build_stock_archive(entry: ModelEntry, catalog: Catalog, store: str, workdir
     index_to_name = os.path.join(src, "index_to_name.json")
     with open(index_to_name, "w", encoding="utf-8") as f:
         json.dump({str(i): label for i, label in enumerate(labels)}, f)
-    archiver = os.path.join(os.path.dirname(sys.executable), "torch-model-archiver")
+    archiver = archiver_command()
     os.makedirs(store, exist_ok=True)
-    subprocess.run([archiver, "--model-name", stock_archive(entry), "--version", entry.version,
+    subprocess.run([*archiver, "--model-name", stock_archive(entry), "--version", entry.version,
                     "--model-file", model_file, "--serialized-file", os.path.join(src, cfg.model.weights),
                     "--handler", "image_classifier",
                     "--extra-files", ",".join([index_to_name, *([os.path.join(src, module_file)] if bundled else [])]),
@@ -505,9 +505,9 @@ def build_echo_archive(store: str, workdir: str) -> str:
     src = os.path.join(workdir, "echo")
     os.makedirs(src, exist_ok=True)
     handler = shutil.copy(ECHO_HANDLER, os.path.join(src, os.path.basename(ECHO_HANDLER)))
-    archiver = os.path.join(os.path.dirname(sys.executable), "torch-model-archiver")
+    archiver = archiver_command()
     os.makedirs(store, exist_ok=True)
-    subprocess.run([archiver, "--model-name", ECHO_MODEL, "--version", "1.0", "--handler", handler,
+    subprocess.run([*archiver, "--model-name", ECHO_MODEL, "--version", "1.0", "--handler", handler,
                     "--export-path", store, "--force"], check=True, cwd=src)
     return os.path.join(store, f"{ECHO_MODEL}.mar")
 

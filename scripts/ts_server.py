@@ -54,8 +54,19 @@ def local_addresses() -> dict:
             "grpc_inference_port": free_port(), "grpc_management_port": free_port()}
 
 
-def torchserve_bin() -> str:
-    return os.path.join(os.path.dirname(sys.executable), "torchserve")
+def console_command(script: str, module: str) -> list:
+    """A console script of this Python's environment, or ``python -m module`` where the package
+    is importable without its scripts (the GPU machine gets TorchServe unpacked on PYTHONPATH)."""
+    path = os.path.join(os.path.dirname(sys.executable), script)
+    return [path] if os.path.exists(path) else [sys.executable, "-m", module]
+
+
+def torchserve_command() -> list:
+    return console_command("torchserve", "ts.model_server")
+
+
+def archiver_command() -> list:
+    return console_command("torch-model-archiver", "model_archiver.model_packaging")
 
 
 class TorchServe:
@@ -117,7 +128,7 @@ class TorchServe:
         console = os.path.join(self.home, "logs", "console.log")
         # The Java frontend inherits stdout/stderr: a file, not a pipe, or we would wait on it.
         with open(console, "wb") as out:
-            result = subprocess.run([torchserve_bin(), "--start", "--ts-config", self.config_path,
+            result = subprocess.run([*torchserve_command(), "--start", "--ts-config", self.config_path,
                                      "--ncs"], cwd=self.cwd, env=self.env, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     timeout=timeout_s)
@@ -148,7 +159,7 @@ class TorchServe:
                 processes = [frontend, *frontend.children(recursive=True)]
             except psutil.NoSuchProcess:
                 pass
-        subprocess.run([torchserve_bin(), "--stop"], cwd=self.cwd, env=self.env,
+        subprocess.run([*torchserve_command(), "--stop"], cwd=self.cwd, env=self.env,
                        capture_output=True, text=True, timeout=timeout_s)
         _, alive = psutil.wait_procs(processes, timeout=timeout_s)
         for process in alive:
