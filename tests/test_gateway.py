@@ -20,10 +20,11 @@ import time
 import pytest
 import requests
 
-from scripts import gateway, k8s, pod_config, rehearse
+from scripts import gateway, k8s, manage, pod_config, rehearsal_drills
 from scripts.catalog import MODEL_STORE, ROOT, parse_config_properties
 from scripts.gateway import GatewayError
 from scripts.pod_config import PodConfigError
+from scripts.rehearsal import LIGHT_MODELS, Rehearsal, RehearsalError, haproxy_binary
 from scripts.ts_server import check_java, free_port
 
 LIGHT = "digits.mar,digits_v2.0.mar,diabetes.mar"
@@ -31,8 +32,8 @@ LIGHT = "digits.mar,digits_v2.0.mar,diabetes.mar"
 
 def haproxy_or_skip() -> str:
     try:
-        return rehearse.haproxy_binary()
-    except rehearse.RehearsalError as exc:
+        return haproxy_binary()
+    except RehearsalError as exc:
         pytest.skip(str(exc))
 
 
@@ -528,10 +529,10 @@ def test_haproxy_refuses_form_uploads_and_oversized_bodies(catalog, echo_gateway
                       headers={"X-API-Key": key, "Content-Type": "application/x-www-form-urlencoded"})
     assert r.status_code == 415 and "curl -T" in r.json()["message"]
     limit = catalog.server["max_request_size"]
-    status, body = rehearse._raw_request(url, "/predictions/digits", {
+    status, body = rehearsal_drills._raw_request(url, "/predictions/digits", {
         "X-API-Key": key, "Content-Type": "image/png", "Content-Length": str(limit + 1)})
     assert status == 413 and json.loads(body)["code"] == 413
-    status, body = rehearse._raw_request(url, "/predictions/digits", {
+    status, body = rehearsal_drills._raw_request(url, "/predictions/digits", {
         "X-API-Key": key, "Content-Type": "image/png", "Content-Length": "3"}, b"abc")
     assert status == 200
 
@@ -545,7 +546,7 @@ def rehearsal(model_store, tmp_path_factory):
         check_java()
     except SystemExit as exc:
         pytest.fail(str(exc))
-    reh = rehearse.Rehearsal(str(tmp_path_factory.mktemp("rehearsal")))
+    reh = Rehearsal(str(tmp_path_factory.mktemp("rehearsal")))
     try:
         reh.start()
     except BaseException:
@@ -568,7 +569,7 @@ def test_replicas_come_up_through_the_entrypoint(rehearsal):
         assert rehearsal.gateway.status(name) == "UP"
         with open(os.path.join(replica.home, "tmp", "torchserve-pod", "config.properties")) as f:
             p = parse_config_properties(f.read())
-        assert p["load_models"] == rehearse.LIGHT_MODELS and p["inference_address"] == replica.inference_url
+        assert p["load_models"] == LIGHT_MODELS and p["inference_address"] == replica.inference_url
         assert not os.path.exists(os.path.join(replica.home, "key_file.json"))
         # token authorization is off in the replica: /ping and management answer without a key
         assert requests.get(replica.inference_url + "/ping", timeout=5).status_code == 200
@@ -579,36 +580,36 @@ def test_replicas_come_up_through_the_entrypoint(rehearsal):
 
 @pytest.mark.integration
 def test_drill_kill_a_replica_under_load(rehearsal):
-    result = rehearse.drill_kill(rehearsal)
+    result = rehearsal_drills.drill_kill(rehearsal)
     assert_drill(result)
     assert result.figures["detection"] < 5.0
 
 
 @pytest.mark.integration
 def test_drill_restart_rejoins_after_readiness(rehearsal):
-    result = rehearse.drill_restart(rehearsal)
+    result = rehearsal_drills.drill_restart(rehearsal)
     assert_drill(result)
     assert result.figures["ready"] <= result.figures["rejoin"]
 
 
 @pytest.mark.integration
 def test_drill_rollout_replica_by_replica(rehearsal):
-    result = rehearse.drill_rollout(rehearsal)
+    result = rehearsal_drills.drill_rollout(rehearsal)
     assert_drill(result)
     answers = result.figures["answers"]
     assert answers.get("s1:2.0") and answers.get("s2:2.0"), answers
     for replica in rehearsal.replicas.values():
-        assert rehearse.manage.default_version(replica.client, "digits") == "2.0"
+        assert manage.default_version(replica.client, "digits") == "2.0"
 
 
 @pytest.mark.integration
 def test_drill_auth_refused_requests_never_reach_torchserve(rehearsal):
-    assert_drill(rehearse.drill_auth(rehearsal))
+    assert_drill(rehearsal_drills.drill_auth(rehearsal))
 
 
 @pytest.mark.integration
 def test_drill_limits_form_upload_and_oversized_body(rehearsal):
-    result = rehearse.drill_limits(rehearsal)
+    result = rehearsal_drills.drill_limits(rehearsal)
     assert_drill(result)
     assert result.figures["form_upload"] == 415 and result.figures["oversized"] == 413
 
