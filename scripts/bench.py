@@ -77,7 +77,7 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from handler_kit import runtime  # noqa: E402
-from handler_kit.config import parse_image_classifier  # noqa: E402
+from handler_kit.image_config import parse_image_classifier  # noqa: E402
 
 from models import sample_data, sentences  # noqa: E402
 from scripts.catalog import FAMILIES, MODEL_STORE, Catalog, ModelEntry, load_catalog  # noqa: E402

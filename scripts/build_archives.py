@@ -35,11 +35,13 @@ WEIGHTS_SOURCES = {"image": ("models/weights.py", "models/sample_data.py", "hand
                    "tabular": ("models/weights.py", "models/tabular.py"),
                    "text": ("models/weights.py",)}
 VARIANT_SOURCES = {"image": ("models/variants.py", "handlers/handler_kit/runtime.py",
-                             "handlers/handler_kit/vision.py", "handlers/handler_kit/config.py"),
+                             "handlers/handler_kit/vision.py", "handlers/handler_kit/config.py",
+                             "handlers/handler_kit/image_config.py"),
                    "tabular": ("models/tabular.py", "handlers/handler_kit/tabular.py",
-                               "handlers/handler_kit/tabular_config.py"),
+                               "handlers/handler_kit/tabular_config.py",
+                               "handlers/handler_kit/quantization.py"),
                    "text": ("models/sentences.py", "handlers/handler_kit/text.py",
-                            "handlers/handler_kit/text_config.py")}
+                            "handlers/handler_kit/text_config.py", "handlers/handler_kit/quantization.py")}
 LABELS_FILE = "labels.json"
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 FIXED_CREATED_ON = "01/01/1980 00:00:00"
@@ -176,7 +178,7 @@ def _image_variant(entry: ModelEntry, stage_dir: str, kind, artifact: str, overr
     """Transform the fp32 state_dict (TorchScript, int8, ONNX) and measure it against fp32."""
     import torch
     from handler_kit import runtime
-    from handler_kit.config import check_model_runtime, parse_model, parse_runtime
+    from handler_kit.image_config import check_model_runtime, parse_model, parse_runtime
     from models import variants
     from scripts import fidelity
 

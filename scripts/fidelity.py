@@ -65,6 +65,7 @@ def text_figures(model_folder: str, handler_config: dict, fidelity: dict) -> dic
     """The text variant (its runtime section: dtype, quantization) against fp32, on CPU, through
     the handler's own stages."""
     from handler_kit import runtime, text
+    from handler_kit.quantization import quantize_dynamic_int8
     from handler_kit.text_config import parse_text_runtime
     from models import sentences
 
@@ -73,7 +74,7 @@ def text_figures(model_folder: str, handler_config: dict, fidelity: dict) -> dic
     tokenizer, reference = text.load_tokenizer_and_model(model_folder, cpu)
     _, model = text.load_tokenizer_and_model(model_folder, cpu)
     if spec.quantization == "dynamic_int8":
-        model = text.quantize_dynamic_int8(model)
+        model = quantize_dynamic_int8(model)
     inputs, _ = text.tokenize_batch(tokenizer, sentences.fidelity_sentences(),
                                     int(handler_config.get("max_length", 256)))
     with torch.inference_mode():

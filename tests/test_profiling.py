@@ -248,11 +248,13 @@ SERVED_MODEL = "digits"
 
 
 def archive_profiles(mar_path: str) -> bool:
-    """Whether the archive's handler calls the profiler (the handlers are wired separately)."""
+    """Whether the archive's handler calls the profiler: it is a StagedHandler, whose bundled
+    base (handler_kit/serving.py) wraps every batch's forward in the profiler switch."""
     with zipfile.ZipFile(mar_path) as archive:
         handler = json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]["handler"]
         return ("handler_kit/profiling.py" in archive.namelist()
-                and b"maybe_profile" in archive.read(handler.split(":")[0]))
+                and b"(StagedHandler)" in archive.read(handler.split(":")[0])
+                and b"self.profiler.maybe_profile(" in archive.read("handler_kit/serving.py"))
 
 
 def check_switch_without_restart(server, trigger_dir: str, model: str, bodies) -> None:

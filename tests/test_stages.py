@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from handler_kit import batching, outputs, runtime, vision, wire
-from handler_kit.config import parse_image_classifier
+from handler_kit import batching, classification, runtime, vision, wire
+from handler_kit.image_config import parse_image_classifier
 from handler_kit.errors import BadInput, ConfigError, PayloadTooLarge, UnsupportedMediaType
 
 
@@ -212,7 +212,7 @@ def test_instances_of_one_enveloped_request_are_answered_in_place(monkeypatch):
 
 def test_topk_predictions_are_sorted_probabilities():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
-    rows = outputs.topk_predictions(logits, ["a", "b", "c"], 2)
+    rows = classification.topk_predictions(logits, ["a", "b", "c"], 2)
     assert [p["label"] for p in rows[0]] == ["b", "c"]
     assert rows[1][0] == {"label": "a", "index": 0, "probability": pytest.approx(0.986, abs=1e-3)}
     assert rows[0][0]["probability"] >= rows[0][1]["probability"]
@@ -221,8 +221,8 @@ def test_topk_predictions_are_sorted_probabilities():
 def test_stock_answer_shape_is_label_to_probability_best_first():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
     labels = ["a", "crane", "c", "crane"]  # ImageNet names two classes "crane"
-    (project,) = outputs.format_topk(logits, labels, 3, "project")
-    (stock,) = outputs.format_topk(logits, labels, 3, "stock")
+    (project,) = classification.format_topk(logits, labels, 3, "project")
+    (stock,) = classification.format_topk(logits, labels, 3, "stock")
     assert [p["label"] for p in project] == ["crane", "crane", "c"]
     assert list(stock) == ["crane", "c"] and stock["crane"] == project[0]["probability"]
     assert stock["c"] == project[2]["probability"]
@@ -231,10 +231,10 @@ def test_stock_answer_shape_is_label_to_probability_best_first():
 def test_labels_file_formats(tmp_path):
     (tmp_path / "list.json").write_text('["x", "y"]')
     (tmp_path / "dict.json").write_text('{"1": "y", "0": "x"}')
-    assert outputs.load_labels(str(tmp_path / "list.json")) == ["x", "y"]
-    assert outputs.load_labels(str(tmp_path / "dict.json"), 2) == ["x", "y"]
+    assert classification.load_labels(str(tmp_path / "list.json")) == ["x", "y"]
+    assert classification.load_labels(str(tmp_path / "dict.json"), 2) == ["x", "y"]
     with pytest.raises(ConfigError, match="has 2 labels but the model has 3"):
-        outputs.load_labels(str(tmp_path / "list.json"), 3)
+        classification.load_labels(str(tmp_path / "list.json"), 3)
 
 
 # -- configuration and runtime --------------------------------------------------------------------

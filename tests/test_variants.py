@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from handler_kit import runtime
-from handler_kit.config import parse_image_classifier
+from handler_kit.image_config import parse_image_classifier
 from handler_kit.errors import ConfigError
 from scripts.catalog import CATALOG_PATH, ROOT, load_catalog
 from tests.ts_harness import infer, load_service

@@ -30,6 +30,17 @@ def prepare(requests: Sequence[Any], stage: Callable[[Any], Any]) -> Batch:
     return batch
 
 
+def split_counts(items: Sequence, counts: Sequence[int]) -> list:
+    """Cut a flat sequence back into consecutive per-request chunks of the given sizes."""
+    chunks, start = [], 0
+    for count in counts:
+        chunks.append(items[start:start + count])
+        start += count
+    if start != len(items):
+        raise ValueError(f"{len(items)} items but counts add up to {start}")
+    return chunks
+
+
 def merge(batch: Batch, results: Sequence[Any], context=None) -> list:
     """One response per request, in request order. A failed request gets its status and a JSON
     body through TorchServe's per-request ``context.set_response_status``."""

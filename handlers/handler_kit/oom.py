@@ -16,8 +16,6 @@ from handler_kit.errors import OutOfMemory
 logger = logging.getLogger(__name__)
 
 
-
-
 @dataclass
 class SplitRun:
     """Outcome of a batch run with out-of-memory splitting."""
@@ -47,9 +45,12 @@ def log_out_of_memory(size: int) -> None:
 
 
 def concatenate(parts: List[Any]) -> Any:
-    """Join the outputs of consecutive chunks: tensors along dim 0, lists end to end."""
+    """Join the outputs of consecutive chunks: tensors along dim 0, lists end to end, tuples
+    (several outputs per chunk, e.g. vectors and flags) element by element."""
     if not parts:
         return None
+    if isinstance(parts[0], tuple):
+        return tuple(concatenate(list(column)) for column in zip(*parts))
     if isinstance(parts[0], torch.Tensor):
         return torch.cat(parts, dim=0)
     return [item for part in parts for item in part]

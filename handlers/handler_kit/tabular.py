@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from handler_kit import runtime, wire
-from handler_kit.config import check_dynamic_int8_worker
+from handler_kit.batching import split_counts
 from handler_kit.errors import BadInput, ConfigError, PayloadTooLarge
-from handler_kit.text import quantize_dynamic_int8, split_counts  # shared with the text stages
+from handler_kit.quantization import check_dynamic_int8_worker, quantize_dynamic_int8
 
 # Where a request may carry its rows: the wire's usual payload fields, or a form field "inputs".
 ROW_FIELDS = wire.PAYLOAD_FIELDS + ("inputs",)

@@ -7,12 +7,12 @@ plain transformers, so no sentence-transformers package is needed in the worker.
 """
 import json
 import os
-import warnings
 from typing import List, Sequence
 
 import torch
 
 from handler_kit import wire
+from handler_kit.batching import split_counts
 from handler_kit.errors import BadInput, ConfigError, PayloadTooLarge
 
 # Where a request may carry its texts: the wire's usual payload fields, then text-specific names
@@ -145,17 +145,6 @@ def embed(model, inputs, device: torch.device) -> torch.Tensor:
     return l2_normalize(mean_pool(hidden, inputs["attention_mask"])).cpu()
 
 
-def split_counts(items: Sequence, counts: Sequence[int]) -> list:
-    """Cut a flat sequence back into consecutive per-request chunks of the given sizes."""
-    chunks, start = [], 0
-    for count in counts:
-        chunks.append(items[start:start + count])
-        start += count
-    if start != len(items):
-        raise ValueError(f"{len(items)} items but counts add up to {start}")
-    return chunks
-
-
 def format_embeddings(embeddings: torch.Tensor, truncated: Sequence[bool], counts: Sequence[int],
                       model_name: str, version: str) -> List[dict]:
     """Response body of each request: its vectors in request order, and which texts were cut."""
@@ -203,17 +192,3 @@ def check_max_length(max_length: int, tokenizer, model) -> None:
     if limit is not None and max_length > limit:
         raise ConfigError(f"model-config.yaml: 'handler.max_length' is {max_length}, above the model's "
                           f"{limit} positions (max_position_embeddings)")
-
-
-def quantize_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """nn.Linear weights to int8, activations quantized on the fly: CPU only, no calibration.
-
-    Weights get one scale per output channel: with a single scale per tensor, MiniLM's vectors
-    drift to cosine 0.92 of fp32's on short sentences; per channel keeps them above 0.96."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():
-        # torch.ao eager quantization warns that it moves to torchao; it still works in this torch.
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantiz.*", category=UserWarning)
-        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)

@@ -1,4 +1,5 @@
-"""Model outputs -> response bodies."""
+"""Image classification answers: the archive's labels file, and logits -> the top-k labelled
+classes of each request, in the project's or TorchServe's stock shape (handler.answer)."""
 import json
 from typing import List, Sequence
 
