@@ -21,7 +21,8 @@ help:
 	@echo "make image   the serving image (Dockerfile) with docker or podman; IMAGE=name:tag"
 
 # Last, the project itself (pyproject.toml), editable: scripts, models and handler_kit then import
-# by name from anywhere. --no-build-isolation: built with the venv's setuptools, nothing downloaded.
+# by name from anywhere. --no-build-isolation: built with the venv's setuptools (requirements.txt
+# brings one new enough), nothing downloaded.
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
