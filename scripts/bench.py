@@ -66,10 +66,6 @@ from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# handler_kit travels at the top level of every archive, so it is imported by that name here too.
-for _path in (ROOT, os.path.join(ROOT, "handlers")):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
@@ -82,7 +78,7 @@ from handler_kit.image_config import parse_image_classifier  # noqa: E402
 from models import sample_data, sentences  # noqa: E402
 from scripts.catalog import FAMILIES, MODEL_STORE, Catalog, ModelEntry, load_catalog  # noqa: E402
 from scripts import loadgen  # noqa: E402
-from scripts.in_process import load_service  # noqa: E402
+from scripts.in_process import importable, load_service  # noqa: E402  (a worker's model folder)
 from scripts.ts_server import TorchServe, archiver_command  # noqa: E402
 
 MODEL = "efficientnet_lite0"
@@ -323,17 +319,6 @@ def read_model_config(mar_path: str) -> dict:
     """The archive's model-config.yaml: what the worker is configured with, fidelity included."""
     with zipfile.ZipFile(mar_path) as archive:
         return yaml.safe_load(archive.read("model-config.yaml"))
-
-
-@contextlib.contextmanager
-def importable(folder: str):
-    """TorchServe puts the model folder on the worker's sys.path, where a state_dict archive's
-    model module (digits_cnn.py) lives; do the same while the runner is built."""
-    sys.path.insert(0, folder)
-    try:
-        yield
-    finally:
-        sys.path.remove(folder)
 
 
 # -- in-process rows -----------------------------------------------------------------------------

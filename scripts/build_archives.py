@@ -23,6 +23,7 @@ import yaml
 
 from scripts.catalog import CATALOG_PATH, MODEL_STORE, ROOT, ModelEntry, load_catalog
 from scripts.fidelity import FidelityError
+from scripts.in_process import importable
 
 BUILD_DIR = os.path.join(ROOT, "build")
 HANDLER_KIT = os.path.join(ROOT, "handlers", "handler_kit")
@@ -344,15 +345,17 @@ def main(argv=None) -> int:
     parser.add_argument("--catalog", default=CATALOG_PATH, help="default: models/catalog.yaml")
     args = parser.parse_args(argv)
     catalog = load_catalog(args.catalog)
-    model_dirs = {os.path.dirname(os.path.join(ROOT, f)) for m in catalog.models for f in m.model_files}
-    sys.path[:0] = [ROOT, os.path.join(ROOT, "handlers"), *sorted(model_dirs)]
     entries = [catalog.archive(n) for n in args.only] if args.only else catalog.models
     built, refused = {}, []
     for i, entry in enumerate(entries, 1):
         started = time.perf_counter()
         log(f"({i}/{len(entries)}) {entry.name} {entry.version} [{entry.variant}]")
+        # The entry's model files are top-level modules in its archive (handler.model.module:
+        # digits_cnn, a user's pebble): weights, variants and fidelity import them by that name.
+        model_dirs = sorted({os.path.dirname(os.path.join(ROOT, f)) for f in entry.model_files})
         try:
-            stage_dir, artifact = stage(entry, args.force_weights)
+            with importable(*model_dirs):
+                stage_dir, artifact = stage(entry, args.force_weights)
         except FidelityError as exc:
             log(f"REFUSED {exc}")
             refused.append(entry.name)

@@ -5,12 +5,12 @@
 The generated modules (inference_pb2, inference_pb2_grpc, management_pb2, ...) go to build/grpc
 and are never committed; they are regenerated only when a .proto is newer than them.
 """
-import importlib
+import importlib.util
 import os
 import shutil
 import sys
 import tempfile
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,12 +79,34 @@ def load(out_dir: str = OUT_DIR) -> SimpleNamespace:
     if not up_to_date(out_dir):
         print(f"generating gRPC stubs from {PROTO_DIR} into {out_dir}", file=sys.stderr)
         generate(out_dir)
+    return import_stubs(out_dir)
+
+
+def import_stubs(out_dir: str, protos=PROTOS) -> SimpleNamespace:
+    """The generated modules of ``out_dir``, imported from their files under the top-level names
+    protoc gave them (inference_pb2, inference_pb2_grpc, ...): each *_pb2_grpc module imports its
+    *_pb2 module by that name, which it finds among the loaded modules, so out_dir need not be on
+    the import path. A module already loaded under its name is reused, as an import would."""
     out_dir = os.path.abspath(out_dir)
-    # The generated *_pb2_grpc modules import their *_pb2 modules by top-level name.
-    if out_dir not in sys.path:
-        sys.path.insert(0, out_dir)
-    names = [os.path.splitext(p)[0] + s for p in PROTOS for s in ("_pb2", "_pb2_grpc")]
-    return SimpleNamespace(**{name: importlib.import_module(name) for name in names})
+    names = [os.path.splitext(p)[0] + s for p in protos for s in ("_pb2", "_pb2_grpc")]
+    return SimpleNamespace(**{name: _import_file(name, os.path.join(out_dir, name + ".py"))
+                              for name in names})
+
+
+def _import_file(name: str, path: str) -> ModuleType:
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or not os.path.isfile(path):
+        raise StubGenerationError(f"{path} is missing: run `python -m scripts.grpc_stubs`")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def main(argv=None) -> int:

@@ -22,13 +22,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
+from handler_kit.profiling import (ACTIVITIES, DEFAULT_SUBDIR, ENV_PROFILE_DIR, ProfileRequestError,
+                                   parse_request, request_path)
 from scripts.catalog import ROOT
-
-if os.path.join(ROOT, "handlers") not in sys.path:  # handler_kit is a top-level package in archives
-    sys.path.insert(0, os.path.join(ROOT, "handlers"))
-
-from handler_kit.profiling import (ACTIVITIES, DEFAULT_SUBDIR, ENV_PROFILE_DIR,  # noqa: E402
-                                   ProfileRequestError, parse_request, request_path)
 
 
 class ProfileFailed(RuntimeError):

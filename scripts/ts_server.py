@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from contextlib import closing
-from typing import Optional
+from typing import Dict, Optional
 
 import psutil
 import requests
@@ -71,12 +71,15 @@ def archiver_command() -> list:
 
 class TorchServe:
     """One TorchServe instance. ``home`` holds its pid file, temporary files and logs; it runs in
-    ``cwd`` (where TorchServe writes key_file.json and resolves a relative model_store)."""
+    ``cwd`` (where TorchServe writes key_file.json and resolves a relative model_store).
+    ``extra_env`` changes the environment it starts with (a value of None removes the variable)."""
 
-    def __init__(self, home: str, config_path: str, cwd: Optional[str] = None):
+    def __init__(self, home: str, config_path: str, cwd: Optional[str] = None,
+                 extra_env: Optional[Dict[str, Optional[str]]] = None):
         self.home = os.path.abspath(home)
         self.cwd = os.path.abspath(cwd or home)
         self.config_path = os.path.abspath(config_path)
+        self.extra_env = dict(extra_env or {})
         with open(self.config_path, encoding="utf-8") as f:
             props = parse_config_properties(f.read())
         self.inference_url = props["inference_address"]
@@ -86,7 +89,7 @@ class TorchServe:
 
     @classmethod
     def from_catalog(cls, home: str, catalog: Catalog, model_store: str, load_models: bool = False,
-                     **overrides) -> "TorchServe":
+                     extra_env: Optional[Dict[str, Optional[str]]] = None, **overrides) -> "TorchServe":
         """A server configured as config.properties is, but on free ports, with its own store,
         and (unless ``load_models``) with no model loaded at start."""
         settings = {**local_addresses(), "model_store": os.path.abspath(model_store), **overrides}
@@ -98,7 +101,7 @@ class TorchServe:
         config_path = os.path.join(home, "config.properties")
         with open(config_path, "w", encoding="utf-8") as f:
             f.write(render_config_properties(catalog, settings, header=False))
-        return cls(home, config_path)
+        return cls(home, config_path, extra_env=extra_env)
 
     @property
     def env(self) -> dict:
@@ -108,6 +111,11 @@ class TorchServe:
         env.update(TMPDIR=tmp, TEMP=tmp, LOG_LOCATION=os.path.join(self.home, "logs"),
                    METRICS_LOCATION=os.path.join(self.home, "logs"))
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        for name, value in self.extra_env.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         return env
 
     def pid(self) -> Optional[int]:

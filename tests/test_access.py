@@ -23,7 +23,6 @@ from handler_kit import runtime
 from handler_kit.errors import ConfigError
 from scripts import ts_client, verify_archives
 from scripts.catalog import ROOT, load_catalog, parse_config_properties
-from scripts.ts_server import TorchServe, check_java
 
 # The catalog's (and config.properties') value: no URL of any kind may be registered (TorchServe's
 # default 'file://.*|http(s)?://.*' downloads or copies anything into the store); archives are
@@ -71,16 +70,6 @@ def read_member(archive_path: str, name: str) -> bytes:
         return archive.read(name)
 
 
-def start_server(home: str, store: str, **overrides) -> TorchServe:
-    try:
-        check_java()
-    except SystemExit as exc:
-        pytest.fail(str(exc))
-    server = TorchServe.from_catalog(home, load_catalog(), store, **overrides)
-    server.start()
-    return server
-
-
 def bearer(key: str) -> dict:
     return {"Authorization": f"Bearer {key}"}
 
@@ -120,32 +109,22 @@ def store(model_store, marker, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(store, tmp_path_factory):
+def server(store, torchserve_factory):
     """Configured as config.properties is, with the proposed allowed_urls; digits registered."""
-    ts = start_server(str(tmp_path_factory.mktemp("ts")), store, allowed_urls=ALLOWED_URLS)
-    try:
-        ts.client.register("digits.mar", synchronous="true",
-                           **load_catalog().model("digits").registration())
-        ts.client.wait_ready(["digits"], 300)
+    with torchserve_factory.start("ts", store=store, allowed_urls=ALLOWED_URLS,
+                                  models=[("digits.mar", load_catalog().model("digits").registration())],
+                                  ready_timeout=300) as ts:
         yield ts
-    except Exception:
-        print(ts.log_tail())
-        raise
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="module")
-def bare_server(model_store, tmp_path_factory):
+def bare_server(model_store, tmp_path_factory, torchserve_factory):
     """TorchServe's own defaults (allowed_urls included), keys valid for 6 s, no model."""
     folder = tmp_path_factory.mktemp("bare-store")
     shutil.copy(os.path.join(model_store, load_catalog().model("digits").mar_name), folder)
-    ts = start_server(str(tmp_path_factory.mktemp("ts-bare")), str(folder), token_expiration_min=0.1,
-                      allowed_urls=TORCHSERVE_DEFAULT_ALLOWED_URLS)
-    try:
+    with torchserve_factory.start("ts-bare", store=str(folder), token_expiration_min=0.1,
+                                  allowed_urls=TORCHSERVE_DEFAULT_ALLOWED_URLS) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.fixture

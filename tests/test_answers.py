@@ -1,6 +1,6 @@
 """The tolerant answer comparison the tests use across batches and CPUs (tests/answers.py): it
 accepts kernel rounding and refuses a different answer."""
-from answers import answers_close, summaries_close
+from tests.answers import answers_close, summaries_close
 
 
 def topk(*pairs):

@@ -13,7 +13,6 @@ from PIL import Image
 
 from scripts import bad_inputs
 from scripts.catalog import load_catalog
-from scripts.ts_server import TorchServe, check_java
 
 pytestmark = pytest.mark.integration
 
@@ -31,29 +30,18 @@ def batched(model: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(model_store, tmp_path_factory):
+def server(model_store, torchserve_factory):
     """The catalog's served models (default versions, catalog settings) and a copy of each with
     a long batch delay, so that requests sent together share one server-side batch."""
-    try:
-        check_java()
-    except SystemExit as exc:
-        pytest.fail(str(exc))
-    ts = TorchServe.from_catalog(str(tmp_path_factory.mktemp("ts-bad-inputs")), CATALOG, model_store)
-    ts.start()
-    try:
-        for name in COVERAGE["run"]:
-            entry = CATALOG.model(name)
-            ts.client.register(entry.mar_name, synchronous="true", **entry.registration())
-            ts.client.register(entry.mar_name, model_name=batched(name), batch_size=BATCH_SIZE,
-                               max_batch_delay=BATCH_DELAY_MS, initial_workers=1,
-                               response_timeout=entry.serving["responseTimeout"], synchronous="true")
-        ts.client.wait_ready(served_names(), 300)
+    models = []
+    for name in COVERAGE["run"]:
+        entry = CATALOG.model(name)
+        models += [entry, (entry.mar_name, dict(model_name=batched(name), batch_size=BATCH_SIZE,
+                                                max_batch_delay=BATCH_DELAY_MS, initial_workers=1,
+                                                response_timeout=entry.serving["responseTimeout"]))]
+    with torchserve_factory.start("ts-bad-inputs", models=models, catalog=CATALOG, store=model_store,
+                                  ready_timeout=300) as ts:
         yield ts
-    except Exception:
-        print(ts.log_tail())
-        raise
-    finally:
-        ts.stop()
 
 
 def served_names():

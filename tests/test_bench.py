@@ -13,9 +13,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from answers import summaries_close
 from scripts import bench, loadgen
-from ts_harness import infer, load_service
+from tests.answers import summaries_close
+from tests.ts_harness import infer, load_service
 
 
 def test_text_family_alone_plans_the_minilm_archives_without_the_foundation(catalog):

@@ -14,9 +14,7 @@ import pytest
 import yaml
 
 from scripts import fault_drill
-from scripts.catalog import Catalog
 from scripts.fault_drill import Answer, WorkerSnapshot
-from scripts.ts_server import TorchServe, check_java
 
 RESPONSE_TIMEOUT_S = 5
 WORKER_DIED = "Worker died."  # TorchServe's message for a request whose worker went away
@@ -36,16 +34,6 @@ def copy_archive_with_model_config(src: str, dst: str, **changes) -> str:
         for name, data in entries.items():
             archive.writestr(name, data)
     return dst
-
-
-def start_server(home: str, catalog: Catalog, store: str, **kwargs) -> TorchServe:
-    try:
-        check_java()
-    except SystemExit as exc:
-        pytest.fail(str(exc))
-    server = TorchServe.from_catalog(home, catalog, store, **kwargs)
-    server.start()
-    return server
 
 
 def wait_for_replacement(client, model: str, old_pid: int, timeout_s: float = 300.0) -> int:
@@ -70,15 +58,9 @@ def store(catalog, model_store, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(catalog, store, tmp_path_factory):
-    ts = start_server(str(tmp_path_factory.mktemp("ts")), catalog, store)
-    try:
+def server(catalog, store, torchserve_factory):
+    with torchserve_factory.start("ts", catalog=catalog, store=store) as ts:
         yield ts
-    except Exception:
-        print(ts.log_tail())
-        raise
-    finally:
-        ts.stop()
 
 
 @pytest.fixture
@@ -226,14 +208,12 @@ class Load:
 
 @integration
 def test_stop_with_requests_in_flight_and_start_again_serves_the_same_models(
-        catalog, model_store, tmp_path, digit_png):
+        catalog, model_store, torchserve_factory, digit_png):
     """config.properties (load_models + models=) is what comes back; a model registered at run
     time through the management API does not (servers start with --ncs: no snapshot is read)."""
-    ts = start_server(str(tmp_path / "ts"), catalog, model_store, load_models=True,
-                      allowed_urls="")
     expected_names = sorted({m.name for m in catalog.loaded_at_start})
-    try:
-        ts.client.wait_ready(expected_names, 600)
+    with torchserve_factory.start("ts-restarted", catalog=catalog, store=model_store, load_models=True,
+                                  allowed_urls="", wait_for=expected_names, ready_timeout=600) as ts:
         before = served_models(ts.client)
         assert sorted(before) == expected_names
         for entry in catalog.loaded_at_start:
@@ -259,5 +239,3 @@ def test_stop_with_requests_in_flight_and_start_again_serves_the_same_models(
         assert after == before  # same models, default versions, settings and workers
         assert "registered_at_run_time" not in after
         assert ts.client.predict("digits", digit_png)[0]["label"] == "7"
-    finally:
-        ts.stop()

@@ -25,7 +25,7 @@ from scripts.catalog import MODEL_STORE, ROOT, parse_config_properties
 from scripts.gateway import GatewayError
 from scripts.pod_config import PodConfigError
 from scripts.rehearsal import LIGHT_MODELS, Rehearsal, RehearsalError, haproxy_binary
-from scripts.ts_server import check_java, free_port
+from scripts.ts_server import free_port
 
 LIGHT = "digits.mar,digits_v2.0.mar,diabetes.mar"
 
@@ -540,21 +540,11 @@ def test_haproxy_refuses_form_uploads_and_oversized_bodies(catalog, echo_gateway
 # -- the drills, against two real TorchServe replicas and HAProxy ----------------------------------
 
 @pytest.fixture(scope="module")
-def rehearsal(model_store, tmp_path_factory):
+def rehearsal(model_store, tmp_path_factory, torchserve_factory):
     haproxy_or_skip()
-    try:
-        check_java()
-    except SystemExit as exc:
-        pytest.fail(str(exc))
     reh = Rehearsal(str(tmp_path_factory.mktemp("rehearsal")))
-    try:
-        reh.start()
-    except BaseException:
-        print("\n".join(r.log_tail() for r in reh.replicas.values()))
-        reh.stop()
-        raise
-    yield reh
-    reh.stop()
+    with torchserve_factory.running(reh, log_tail=lambda: "\n".join(r.log_tail() for r in reh.replicas.values())):
+        yield reh
 
 
 def assert_drill(result):

@@ -13,10 +13,10 @@ import pytest
 from google.protobuf import descriptor_pb2, empty_pb2
 from google.protobuf.message import DecodeError
 
-from answers import assert_answers_close
 from scripts import grpc_client, grpc_stubs
 from scripts.catalog import parse_config_properties
-from scripts.ts_server import TorchServe, check_java
+from scripts.ts_server import TorchServe
+from tests.answers import assert_answers_close
 
 # Test-only archive: a handler that streams each word of the request as its own answer.
 STREAMING_HANDLER = '''
@@ -50,35 +50,24 @@ def grpc_targets(ts: TorchServe):
 
 
 @pytest.fixture(scope="module")
-def server(catalog, model_store, tmp_path_factory):
+def server(catalog, model_store, tmp_path_factory, torchserve_factory):
     """TorchServe with digits (registered through gRPC with its catalog settings) and the
     streaming test archive; yields (server, gRPC connection)."""
-    try:
-        check_java()
-    except SystemExit as exc:
-        pytest.fail(str(exc))
     store = tmp_path_factory.mktemp("grpc-store")
     digits = catalog.model("digits")
     shutil.copy(os.path.join(model_store, digits.mar_name), store)
     streaming = build_streaming_archive(store, tmp_path_factory.mktemp("grpc-handler"))
-    ts = TorchServe.from_catalog(str(tmp_path_factory.mktemp("ts-grpc")), catalog, str(store))
-    ts.start()
-    conn = None
-    try:
+    with torchserve_factory.start("ts-grpc", catalog=catalog, store=str(store)) as ts:
         conn = grpc_client.connect(ts.client, *grpc_targets(ts))
-        grpc_client.wait_for_channels(conn, 120)
-        grpc_client.register_model(conn, digits.mar_name, synchronous=True, **digits.registration())
-        grpc_client.register_model(conn, streaming, model_name="stream_words", initial_workers=1,
-                                   synchronous=True)
-        ts.client.wait_ready(["digits", "stream_words"], 180)
-        yield ts, conn
-    except Exception:
-        print(ts.log_tail())
-        raise
-    finally:
-        if conn is not None:
+        try:
+            grpc_client.wait_for_channels(conn, 120)
+            grpc_client.register_model(conn, digits.mar_name, synchronous=True, **digits.registration())
+            grpc_client.register_model(conn, streaming, model_name="stream_words", initial_workers=1,
+                                       synchronous=True)
+            ts.client.wait_ready(["digits", "stream_words"], 180)
+            yield ts, conn
+        finally:
             conn.close()
-        ts.stop()
 
 
 @pytest.fixture(scope="module")
@@ -202,12 +191,14 @@ def test_stubs_regenerate_into_a_folder_only_when_a_proto_changes(tmp_path):
     grpc_stubs.generate(out, proto_dir=str(protos))
     assert all(os.stat(f).st_mtime_ns > stamps[f] for f in files)
     assert not [n for n in os.listdir(out) if n.startswith(".staging")]
-    imported = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-         "import inference_pb2_grpc as i, management_pb2_grpc as m; "
-         "print(i.InferenceAPIsServiceStub.__name__, m.ManagementAPIsServiceStub.__name__)", out],
+    imported = subprocess.run(  # a fresh process: the modules import from the folder alone
+        [sys.executable, "-c", "import sys; from scripts import grpc_stubs; "
+         "s = grpc_stubs.import_stubs(sys.argv[1]); i, m = s.inference_pb2_grpc, s.management_pb2_grpc; "
+         "print(i.InferenceAPIsServiceStub.__name__, m.ManagementAPIsServiceStub.__name__, "
+         "i.inference__pb2 is s.inference_pb2 and m.management__pb2 is s.management_pb2, "
+         "s.inference_pb2.__file__.startswith(sys.argv[1]))", out],
         capture_output=True, text=True, check=True)
-    assert imported.stdout.split() == ["InferenceAPIsServiceStub", "ManagementAPIsServiceStub"]
+    assert imported.stdout.split() == ["InferenceAPIsServiceStub", "ManagementAPIsServiceStub", "True", "True"]
 
 
 def test_a_broken_proto_fails_generation_with_a_clear_error(tmp_path):

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import yaml
 
-from answers import PROBABILITY_ATOL, answers_close, assert_answers_close
+from tests.answers import PROBABILITY_ATOL, answers_close, assert_answers_close
 from tests.ts_harness import infer, load_service
 
 JPEG, PNG, JSON = "image/jpeg", "image/png", "application/json"

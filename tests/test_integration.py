@@ -10,34 +10,20 @@ import pytest
 import requests
 from PIL import Image
 
-from answers import assert_answers_close
 from scripts.catalog import load_catalog
-from scripts.ts_server import TorchServe, check_java
+from tests.answers import assert_answers_close
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def server(catalog, model_store, tmp_path_factory):
-    try:
-        check_java()
-    except SystemExit as exc:
-        pytest.fail(str(exc))
-    ts = TorchServe.from_catalog(str(tmp_path_factory.mktemp("ts")), catalog, model_store)
-    ts.start()
-    try:
-        for entry in catalog.loaded_at_start:  # as `make serve` serves them
-            ts.client.register(entry.mar_name, synchronous="true", **entry.registration())
-        # A copy of digits with a long batch delay, so that concurrent requests share one batch.
-        ts.client.register("digits.mar", model_name="digits_batched", batch_size=8,
-                           max_batch_delay=2000, initial_workers=1, synchronous="true")
-        ts.client.wait_ready([m.name for m in catalog.loaded_at_start] + ["digits_batched"], 180)
+def server(catalog, model_store, torchserve_factory):
+    models = [*catalog.loaded_at_start,  # as `make serve` serves them
+              # A copy of digits with a long batch delay, so that concurrent requests share one batch.
+              ("digits.mar", dict(model_name="digits_batched", batch_size=8, max_batch_delay=2000,
+                                  initial_workers=1))]
+    with torchserve_factory.start("ts", models=models, catalog=catalog, store=model_store) as ts:
         yield ts
-    except Exception:
-        print(ts.log_tail())
-        raise
-    finally:
-        ts.stop()
 
 
 def post(server, model, data, headers=None, **kwargs):

@@ -639,18 +639,12 @@ def test_the_runtime_command_refuses_a_config_it_did_not_write(tmp_path):
 # -- rehearsal: the runtime's command on the layout: TorchServe behind the v1 wrapper ----------------
 
 @pytest.fixture(scope="module")
-def runtime(deployment, tmp_path_factory):
+def runtime(deployment, tmp_path_factory, torchserve_factory):
     out, _ = deployment
     server = kserve.RuntimeRehearsal(str(tmp_path_factory.mktemp("kserve-runtime")),
                                      os.path.join(out, "model-repo"))
-    try:
-        server.start()
+    with torchserve_factory.running(server):
         yield server
-    except Exception:
-        print(server.log_tail())
-        raise
-    finally:
-        server.stop()
 
 
 def digits_instances(samples, count):
@@ -750,28 +744,27 @@ def test_a_bad_instance_is_answered_in_place(runtime, samples):
 
 
 @pytest.mark.integration
-def test_the_runtime_command_exits_1_when_torchserve_dies(catalog, model_store, tmp_path):
+def test_the_runtime_command_exits_1_when_torchserve_dies(catalog, model_store, tmp_path, torchserve_factory):
     """The container must restart when TorchServe goes away: the runtime's command stops the
     wrapper and exits 1 (a digits-only repository, so that it starts quickly)."""
     repo = tmp_path / "repo"
     kserve.write_model_repo(str(repo), catalog, [catalog.model("digits")], model_store)
-    server = kserve.RuntimeRehearsal(str(tmp_path / "home"), str(repo))
-    server.start()
-    process = server._runtime
-    try:
+    with torchserve_factory.running(kserve.RuntimeRehearsal(str(tmp_path / "home"), str(repo))) as server:
+        process = server._runtime
         java = psutil.Process(server.pid())
         workers = java.children(recursive=True)
-        assert requests.get(f"{server.wrapper_url}/v1/models/digits", timeout=10).json()["ready"] is True
-        java.kill()
-        assert process.wait(60) == 1
-        with open(os.path.join(server.home, "logs", "runtime.log"), errors="replace") as f:
-            assert "TorchServe exited on its own" in f.read()
-        with pytest.raises(requests.ConnectionError):
-            requests.get(server.wrapper_url + "/", timeout=5)  # the wrapper went with it
-    finally:
-        server.stop()
-        for worker in psutil.wait_procs(workers, timeout=10)[1]:
-            worker.kill()
+        try:
+            assert requests.get(f"{server.wrapper_url}/v1/models/digits", timeout=10).json()["ready"] is True
+            java.kill()
+            assert process.wait(60) == 1
+            with open(os.path.join(server.home, "logs", "runtime.log"), errors="replace") as f:
+                assert "TorchServe exited on its own" in f.read()
+            with pytest.raises(requests.ConnectionError):
+                requests.get(server.wrapper_url + "/", timeout=5)  # the wrapper went with it
+        finally:
+            server.stop()
+            for worker in psutil.wait_procs(workers, timeout=10)[1]:
+                worker.kill()
 
 
 @pytest.mark.integration

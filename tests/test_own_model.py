@@ -16,6 +16,7 @@ import yaml
 
 from scripts import bench
 from scripts.catalog import CATALOG_PATH, ROOT, load_catalog
+from scripts.in_process import new_worker_imports
 from tests.ts_harness import infer, load_service
 
 ARCHITECTURE = textwrap.dedent('''
@@ -116,13 +117,11 @@ def test_stock_handler_archive_serves_the_same_network(own_model, samples, tmp_p
     stock_mar = bench.build_stock_archive(catalog.model("pebble"), catalog, str(tmp_path / "stock-store"),
                                           str(tmp_path / "work"))
     # As in a TorchServe worker, "image_classifier" must resolve to TorchServe's stock handler, not
-    # to this project's handler file (handlers/ and extracted archives are on the tests' sys.path).
-    monkeypatch.setattr(sys, "path", [p for p in sys.path
-                                      if not os.path.isfile(os.path.join(p or ".", "image_classifier.py"))])
-    monkeypatch.delitem(sys.modules, "image_classifier", raising=False)
-    service = load_service(extract(stock_mar, tmp_path / "stock"), batch_size=1)
-    assert type(service._entry_point.__self__).__module__.startswith("ts.torch_handler")
-    (status, answer), = infer(service, [("body", "image/jpeg", samples.photo_bytes()[0])])
+    # to this project's handler file that the archives extracted by the test above hold.
+    with new_worker_imports():
+        service = load_service(extract(stock_mar, tmp_path / "stock"), batch_size=1)
+        assert type(service._entry_point.__self__).__module__.startswith("ts.torch_handler")
+        (status, answer), = infer(service, [("body", "image/jpeg", samples.photo_bytes()[0])])
     assert status == 200
     # TorchServe's stock image_classifier: {label: probability} (its own ImageNet normalization,
     # so only the shape and the labels are compared, not the figures)

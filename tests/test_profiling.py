@@ -283,22 +283,12 @@ def check_switch_without_restart(server, trigger_dir: str, model: str, bodies) -
 
 
 @pytest.mark.integration
-def test_profiling_switched_on_while_torchserve_runs(catalog, model_store, samples, tmp_path, monkeypatch):
-    from scripts.ts_server import TorchServe, check_java
+def test_profiling_switched_on_while_torchserve_runs(catalog, model_store, samples, torchserve_factory):
     entry = catalog.model(SERVED_MODEL)
     assert archive_profiles(os.path.join(model_store, entry.mar_name)), "run `make build`"
-    check_java()
-    monkeypatch.delenv(ENV_PROFILE_DIR, raising=False)  # the default: build/profiles where it started
-    server = TorchServe.from_catalog(str(tmp_path / "ts"), catalog, model_store)
-    server.start()
-    try:
-        server.client.register(entry.mar_name, synchronous="true", **entry.registration())
-        server.client.wait_ready([entry.name], 300)
+    # ENV_PROFILE_DIR unset: the default, build/profiles where the server started
+    with torchserve_factory.start("ts-profiling", models=[entry], catalog=catalog, store=model_store,
+                                  ready_timeout=300, env={ENV_PROFILE_DIR: None}) as server:
         _, _, images, _ = samples.digits_split()
         bodies = [samples.png_bytes(pixels) for pixels in images[:5]]
         check_switch_without_restart(server, os.path.join(server.cwd, "build", "profiles"), entry.name, bodies)
-    except Exception:
-        print(server.log_tail())
-        raise
-    finally:
-        server.stop()

@@ -5,7 +5,6 @@ import pytest
 
 from scripts import soak
 from scripts.catalog import load_catalog
-from scripts.ts_server import check_java
 
 pytestmark = pytest.mark.integration
 
@@ -15,18 +14,13 @@ CONCURRENCY = 32
 
 
 @pytest.fixture(scope="module")
-def report(model_store, tmp_path_factory):
-    try:
-        check_java()
-    except SystemExit as exc:
-        pytest.fail(str(exc))
+def report(model_store, torchserve_factory):
     catalog = load_catalog()
     models = soak.soak_models(catalog, None)
-    server = soak.start_server(str(tmp_path_factory.mktemp("ts-soak")), catalog, models, model_store)
-    try:
+    # as `python -m scripts.soak --start` serves them: each model's default version, catalog settings
+    with torchserve_factory.start("ts-soak", models=models, catalog=catalog, store=model_store,
+                                  ready_timeout=600) as server:
         result = soak.run_soak(server.client, soak.request_mix(models, catalog), MEASURED_S, CONCURRENCY, WARMUP_S)
-    finally:
-        server.stop()
     print(soak.summary(result))
     return result
 

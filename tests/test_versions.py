@@ -9,11 +9,10 @@ import time
 
 import pytest
 
-from answers import answers_close
 from scripts import ab_compare, manage
 from scripts.catalog import ROOT
 from scripts.ts_client import TorchServeError
-from scripts.ts_server import TorchServe, check_java
+from tests.answers import answers_close
 
 TRAFFIC_THREADS = 3
 REQUESTS_PER_PHASE = 20   # answered requests wanted inside each phase before moving on
@@ -25,23 +24,10 @@ def v2_archive(catalog):
 
 
 @pytest.fixture(scope="module")
-def server(catalog, model_store, tmp_path_factory):
-    try:
-        check_java()
-    except SystemExit as exc:
-        pytest.fail(str(exc))
-    ts = TorchServe.from_catalog(str(tmp_path_factory.mktemp("ts-versions")), catalog, model_store)
-    ts.start()
-    try:
-        v1 = catalog.model("digits", "1.0")
-        ts.client.register(v1.mar_name, synchronous="true", **v1.registration())
-        ts.client.wait_ready(["digits"], 180)
+def server(catalog, model_store, torchserve_factory):
+    with torchserve_factory.start("ts-versions", models=[catalog.model("digits", "1.0")], catalog=catalog,
+                                  store=model_store) as ts:
         yield ts
-    except Exception:
-        print(ts.log_tail())
-        raise
-    finally:
-        ts.stop()
 
 
 @pytest.fixture
