@@ -125,7 +125,6 @@ def encode_image(image: Image.Image, fmt: str, **options) -> bytes:
     return buffer.getvalue()
 
 
-
 def multipart(fields: Sequence[Tuple[str, str, bytes, str]]) -> Tuple[bytes, str]:
     """(body, content type) of a multipart/form-data request: fields (name, filename, data, type)."""
     return urllib3.encode_multipart_formdata([(n, (f, d, t)) for n, f, d, t in fields],
@@ -134,7 +133,6 @@ def multipart(fields: Sequence[Tuple[str, str, bytes, str]]) -> Tuple[bytes, str
 
 def b64_json(data: bytes, key: str = "data", prefix: str = "") -> bytes:
     return json.dumps({key: prefix + base64.b64encode(data).decode()}).encode()
-
 
 
 def oversized_body(max_request_size: int, start: bytes = b"\xff\xd8\xff\xe0") -> bytes:
@@ -157,7 +155,6 @@ DEEP_JSON_WHAT = "JSON lists nested 100000 deep (200 KB)"
 HTML = b"<!DOCTYPE html>\n<html><head><title>not an image</title></head><body><img src=x></body></html>\n"
 
 
-
 @dataclass(frozen=True)
 class GoodRequest:
     name: str
@@ -168,7 +165,6 @@ class GoodRequest:
     # how far its answer in any batch may be from its answer alone: kernels differ by batch size and
     # CPU capability in the 6th decimal of a probability (tests/answers.py has the same 1e-4)
     tolerance: float = 1e-4
-
 
 
 def text_cases(model: str, max_chars: int, max_texts: int, max_request_size: Optional[int]) -> List[Case]:

@@ -87,7 +87,6 @@ def compare_answers(answer, reference, tolerance: float) -> Optional[str]:
     return None if answer == reference else f"answer {_short(answer)}, expected {_short(reference)}"
 
 
-
 # ---------------------------------------------------------------------------------------------
 # the corpus: each model's family's cases, with the limits of its handler config
 

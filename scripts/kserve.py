@@ -33,6 +33,12 @@ How the runtime (deploy.runtime of the catalog; its container CONTAINER) runs a 
     and exits 1 when either exits on its own, so that the container is restarted.
 InferenceServices run in KServe's Standard (raw Kubernetes) deployment mode: a Deployment, a
 Service and a HorizontalPodAutoscaler per InferenceService, no Knative (see DEPLOYMENT_MODES).
+
+This module is the command, the runtime's config.properties and the model repository; the rest is
+in scripts/kserve_common.py (facts, deploy settings, what is served), kserve_manifests.py (the
+runtime and InferenceServices, checked against the SDK), kserve_capacity.py (replicas from the
+recorded bench) and kserve_runtime.py (the container's command and the local rehearsal, whose
+request per model is its family's, models/families.py).
 """
 import argparse
 import base64
@@ -49,19 +55,18 @@ from scripts.catalog import ROOT, MODEL_STORE, Catalog, ModelEntry, load_catalog
 from scripts.ts_server import TorchServe
 # The parts (kserve_common, _manifests, _capacity, _runtime); names the tests, scripts/k8s.py and
 # the runtime's wrapper process import from here are re-exported.
-from scripts.kserve_common import (CAPACITY_DOC, DeployError, HTTP_PORT, METRICS_PORT, MOUNT, RECORDED_BENCH,
+from scripts.kserve_common import (CAPACITY_DOC, DeployError, HTTP_PORT, METRICS_PORT, MOUNT, RECORDED_BENCH,  # noqa: F401
                                    RUNTIME_COMMAND, SERVE_START_TIMEOUT_S, deploy_settings,
                                    kserve_models_property, parse_canary, project_image, read_properties,
                                    runtime_settings, served_entries)
-from scripts.kserve_manifests import (canary_name, canary_storage_uri, check_manifest, check_runtime_serves,
+from scripts.kserve_manifests import (canary_name, canary_storage_uri, check_manifest, check_runtime_serves,  # noqa: F401
                                       cluster_serving_runtime, lost_in_round_trip, runtime_args, services,
                                       to_sdk_model, write_manifest)
-from scripts.kserve_capacity import (BENCH_HEADER, SERVED_FIGURES, capacity_block, capacity_markdown,
+from scripts.kserve_capacity import (BENCH_HEADER, SERVED_FIGURES, capacity_block, capacity_markdown,  # noqa: F401
                                      committed_capacity_block, load_bench, record_bench, recorded_figures,
                                      replicas_for_mix, replicas_needed, served_throughputs)
-from scripts.kserve_runtime import (RuntimeRehearsal, _say, image_instance, rehearsal_config, rehearse,
+from scripts.kserve_runtime import (RuntimeRehearsal, _say, image_instance, rehearsal_config, rehearse,  # noqa: F401
                                     run_wrapper, serve_runtime, v1_predict)
-
 
 
 CONFIG_HEADER = """\
@@ -98,7 +103,6 @@ def render_kserve_config(catalog: Catalog, entries: Sequence[ModelEntry]) -> str
     if bad:
         raise DeployError(f"comment lines must not hold '=' (read_properties takes them as settings): {bad[0]}")
     return "\n".join(lines) + "\n"
-
 
 
 # ---------------------------------------------------------------------------------------------

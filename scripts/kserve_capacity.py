@@ -5,10 +5,7 @@ import math
 import os
 from typing import Dict, Sequence
 
-import requests
-
 from scripts.catalog import ROOT, Catalog, ModelEntry
-from scripts.ts_server import TorchServe
 from scripts.kserve_common import (BENCH_PATH, CAPACITY_DOC, CAPACITY_END, CAPACITY_START, DeployError,
                                    RECORDED_BENCH, deploy_settings, served_entries)
 
@@ -147,5 +144,3 @@ def write_capacity_doc(block: str, doc: str = CAPACITY_DOC) -> None:
     after = rest.split(CAPACITY_END, 1)[1]
     with open(doc, "w", encoding="utf-8") as f:
         f.write(before + CAPACITY_START + "\n" + block + CAPACITY_END + after)
-
-

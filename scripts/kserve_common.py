@@ -1,15 +1,10 @@
 """KServe deployment, shared by its modules (scripts/kserve.py is the command): the facts of the
 runtime and of KServe, the deploy settings of the catalog, which models are served, and the
 runtime's config.properties settings."""
-import json
 import os
 from typing import Dict, List, Optional, Sequence
 
-import requests
-import yaml
-
 from scripts.catalog import ROOT, Catalog, ModelEntry, models_property
-from scripts.ts_server import TorchServe
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +169,6 @@ def runtime_settings(catalog: Catalog) -> dict:
     return settings
 
 
-
 def read_properties(text: str) -> dict:
     """config.properties as serve_runtime reads it: every line with '=' is a setting."""
     props = {}
@@ -183,5 +177,3 @@ def read_properties(text: str) -> dict:
             key, value = line.split("=", 1)
             props[key.strip()] = value.strip()
     return props
-
-

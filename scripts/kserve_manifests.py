@@ -6,7 +6,6 @@ from typing import Dict, List, Optional, Sequence
 import yaml
 
 from scripts.catalog import Catalog, ModelEntry
-from scripts.ts_server import TorchServe
 from scripts.kserve_common import (AUTOSCALER_CLASS, CONFIG_PATH, CONTAINER, DEPLOYMENT_MODES, DRAIN,
                                    DeployError, ENVELOPES, HPA_METRICS, HTTP_PORT, LOG_VOLUME, METRICS_PORT,
                                    RUNTIME_API, RUNTIME_COMMAND, SERVE_START_TIMEOUT_S, SERVICE_API,
@@ -370,5 +369,3 @@ def write_manifest(path: str, manifest: dict, note: str = "") -> None:
         f.write(MANIFEST_HEADER.format(type=SDK_TYPES[(manifest["kind"], manifest["apiVersion"])])
                 + "".join(f"# {line}\n" for line in note.splitlines()))
         yaml.dump(manifest, f, Dumper=_Dumper, sort_keys=False)
-
-

@@ -257,7 +257,6 @@ def image_instance(data: bytes) -> dict:
     return {"data": {"b64": base64.b64encode(data).decode()}}
 
 
-
 def rehearsal_instance(entry: ModelEntry) -> Optional[dict]:
     """One v1 instance for ``entry``, as its family's samples declare it (models/families.py):
     None where there is nothing to send (a readiness check instead)."""
@@ -317,5 +316,3 @@ def rehearse(repo: str, home: str, catalog: Catalog, log=print) -> int:
     log(f"rehearsal: runtime command exited {server.exit_code} on SIGTERM; "
         + ("every request answered" if not failures else f"{failures} failure(s)"))
     return 1 if failures else 0
-
-
