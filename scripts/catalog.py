@@ -124,7 +124,7 @@ def _entry(raw: dict, index: int) -> ModelEntry:
     unknown = sorted(set(raw) - set(MODEL_KEYS))
     if unknown:
         raise CatalogError(f"{where}: unknown key '{unknown[0]}'; allowed: {', '.join(MODEL_KEYS)}")
-    for key in ("name", "family", "version", "handler", "weights", "serving", "handler_config"):
+    for key in ("name", "family", "version", "weights", "serving", "handler_config"):
         if key not in raw:
             raise CatalogError(f"{where}: '{key}' is missing")
     if not NAME_PATTERN.match(str(raw["name"])):
@@ -143,7 +143,8 @@ def _entry(raw: dict, index: int) -> ModelEntry:
                            f"for the {family} family")
     transform = _transform(raw.get("transform"), family, where)
     return ModelEntry(name=str(raw["name"]), family=family, version=str(raw["version"]),
-                      description=str(raw.get("description", "")), handler=str(raw["handler"]),
+                      description=str(raw.get("description", "")),
+                      handler=str(raw.get("handler") or FAMILY_DECLARATIONS[family].handler),
                       model_files=tuple(raw.get("model_files", ())), weights=dict(raw["weights"]),
                       labels=dict(raw["labels"]) if raw.get("labels") else None, serving=serving,
                       handler_config=dict(raw["handler_config"]), fidelity=fidelity,

@@ -135,3 +135,17 @@ def test_no_module_outside_the_declaration_branches_on_a_family_or_model_name(ca
                         if (PATTERNS.search(line) and not NOT_A_FAMILY.search(line)) or by_name.search(line):
                             found.append(f"{relative}:{number}: {line.strip()}")
     assert not found, "branches on a family or model name outside models/families.py:\n" + "\n".join(found)
+
+
+def test_a_catalog_entry_without_a_handler_gets_its_familys(tmp_path):
+    import yaml
+
+    from scripts.catalog import CATALOG_PATH, load_catalog
+    with open(CATALOG_PATH, encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    for model in raw["models"]:
+        model.pop("handler")
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    for entry in load_catalog(str(path)).models:
+        assert entry.handler == FAMILIES[entry.family].handler, entry.name
