@@ -3,7 +3,7 @@ every archive variant of every catalog model (image: EfficientNet-Lite0 and digi
 diabetes), in-process and served, side by side.
 
 Foundation table: the same weights and the same two photographs for all of
-  (a) in-process: the handler's own stages (wire -> vision -> runtime -> outputs) in this process,
+  (a) in-process: the handler's own stages (wire -> vision -> runtime -> classification) in this process,
       in batches of the catalog's batchSize, with the served worker's thread budget;
   (b) this project's efficientnet_lite0.mar on a real TorchServe, with the catalog's serving settings;
   (c) TorchServe's stock image_classifier handler with TorchServe's defaults (batch size 1,
@@ -76,12 +76,13 @@ from handler_kit import runtime  # noqa: E402
 from handler_kit.image_config import parse_image_classifier  # noqa: E402
 
 from models import sample_data, sentences  # noqa: E402
+from models.families import FAMILIES as FAMILY_DECLARATIONS, FOUNDATION_MODEL, resolve, samples_of  # noqa: E402
 from scripts.catalog import FAMILIES, MODEL_STORE, Catalog, ModelEntry, load_catalog  # noqa: E402
 from scripts import loadgen  # noqa: E402
 from scripts.in_process import importable, load_service  # noqa: E402  (a worker's model folder)
 from scripts.ts_server import TorchServe, archiver_command  # noqa: E402
 
-MODEL = "efficientnet_lite0"
+MODEL = FOUNDATION_MODEL
 RESULTS_DIR = os.path.join(ROOT, "build", "bench")
 ALL_VARIANTS = ("a", "b", "c", "d")
 TITLES = {
@@ -106,12 +107,11 @@ class ImageClassifier:
         return source.{factory}(**{kwargs!r})
 '''
 IN_PROCESS, SERVED = "in-process", "served"
-# What one item of each family is called in the tables (one request carries one item).
-ITEM_UNITS = {"image": "img", "text": "texts", "tabular": "rows"}
-ITEM_NOUNS = {"image": "image", "text": "text", "tabular": "row"}
-# How clients send each family's items; the worker decodes the body by this (see worker_value).
-CONTENT_TYPES = {"image": "application/octet-stream", "text": "text/plain; charset=utf-8",
-                 "tabular": "application/json"}
+# What one item of each family is called in the tables (one request carries one item), and how
+# clients send it (the worker decodes the body by this, see worker_value): models/families.py.
+ITEM_UNITS = {name: f.item_unit for name, f in FAMILY_DECLARATIONS.items()}
+ITEM_NOUNS = {name: f.item_noun for name, f in FAMILY_DECLARATIONS.items()}
+CONTENT_TYPES = {name: f.content_type for name, f in FAMILY_DECLARATIONS.items()}
 # The fp32 EfficientNet-Lite0 row of the variants table is the foundation's (a) and (b): same archive,
 # same pipeline, same serving settings. It is measured once and shown in both tables.
 FOUNDATION_ALIAS = {IN_PROCESS: "a", SERVED: "b"}
@@ -293,9 +293,13 @@ def load_diabetes_rows() -> Dict[str, bytes]:
             for n, row in enumerate(rows)}
 
 
-# What clients send each catalog model; a model without an entry here gets no table.
-INPUTS = {"efficientnet_lite0": load_photos, "digits": load_digits, "minilm": load_sentences,
-          "diabetes": load_diabetes_rows}
+def _inputs(entry: ModelEntry) -> Callable[[], Dict[str, bytes]]:
+    return lambda: resolve(samples_of(entry).bench)()
+
+
+# What clients send each catalog model (its family's samples, models/families.py); a model
+# without an entry here gets no table.
+INPUTS = {m.name: _inputs(m) for m in load_catalog().models if m.is_default and m.variant == "fp32"}
 
 
 def worker_value(body: bytes, content_type: str):
@@ -855,13 +859,20 @@ def archive_fidelity(entry: ModelEntry, handler: dict) -> dict:
 def runtime_label(family: str, handler: dict) -> str:
     """How the archive runs, e.g. "torchscript, int8_x86", "state_dict, bfloat16" or "eager,
     dynamic_int8": the variant names alone do not say what the base archive is."""
-    if family == "image":
-        cfg = parse_image_classifier(handler)
-        extras = [v for v, default in ((cfg.model.quantization, "none"), (cfg.runtime.dtype, "float32"))
-                  if v != default]
-        return ", ".join([cfg.model.format, *extras])
-    # Text and tabular variants are runtime options on the same eager model (the handlers'
-    # defaults: float32, no quantization).
+    return resolve(FAMILY_DECLARATIONS[family].runtime_label)(handler)
+
+
+def image_runtime_label(handler: dict) -> str:
+    """Image archives: the model's format (state_dict, torchscript, onnx) and what differs."""
+    cfg = parse_image_classifier(handler)
+    extras = [v for v, default in ((cfg.model.quantization, "none"), (cfg.runtime.dtype, "float32"))
+              if v != default]
+    return ", ".join([cfg.model.format, *extras])
+
+
+def eager_runtime_label(handler: dict) -> str:
+    """Text and tabular variants are runtime options on the same eager model (the handlers'
+    defaults: float32, no quantization)."""
     runtime_cfg = handler.get("runtime") or {}
     extras = [runtime_cfg[k] for k, default in (("quantization", "none"), ("dtype", "float32"))
               if runtime_cfg.get(k, default) != default]

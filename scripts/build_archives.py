@@ -21,6 +21,7 @@ import zipfile
 
 import yaml
 
+from models.families import FAMILIES, family_of, resolve, samples_of
 from scripts.catalog import CATALOG_PATH, MODEL_STORE, ROOT, ModelEntry, load_catalog
 from scripts.fidelity import FidelityError
 from scripts.in_process import importable
@@ -31,18 +32,10 @@ WEIGHTS_FILE = "weights.pt"
 ARTIFACTS = {"torchscript": ("model.pt", {"format": "torchscript"}),
              "int8_x86": ("model.pt", {"format": "torchscript", "quantization": "int8_x86"}),
              "onnx": ("model.onnx", {"format": "onnx"})}
-# What each family's weights and variant figures are made from: a change rebuilds them.
-WEIGHTS_SOURCES = {"image": ("models/weights.py", "models/sample_data.py", "handlers/handler_kit/vision.py"),
-                   "tabular": ("models/weights.py", "models/tabular.py"),
-                   "text": ("models/weights.py",)}
-VARIANT_SOURCES = {"image": ("models/variants.py", "handlers/handler_kit/runtime.py",
-                             "handlers/handler_kit/vision.py", "handlers/handler_kit/config.py",
-                             "handlers/handler_kit/image_config.py"),
-                   "tabular": ("models/tabular.py", "handlers/handler_kit/tabular.py",
-                               "handlers/handler_kit/tabular_config.py",
-                               "handlers/handler_kit/quantization.py"),
-                   "text": ("models/sentences.py", "handlers/handler_kit/text.py",
-                            "handlers/handler_kit/text_config.py", "handlers/handler_kit/quantization.py")}
+# What each family's weights and variant figures are made from: a change rebuilds them
+# (declared in models/families.py).
+WEIGHTS_SOURCES = {name: f.weights_sources for name, f in FAMILIES.items()}
+VARIANT_SOURCES = {name: f.variant_sources for name, f in FAMILIES.items()}
 LABELS_FILE = "labels.json"
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 FIXED_CREATED_ON = "01/01/1980 00:00:00"
@@ -150,7 +143,7 @@ def produce_variant(entry: ModelEntry, stage_dir: str, model_path: str) -> tuple
 
     kind = (entry.transform or {}).get("kind")
     artifact, overrides = ARTIFACTS.get(kind, (WEIGHTS_FILE, {}))
-    if entry.family == "text":
+    if family_of(entry).model_folder:
         artifact = None
     cache = os.path.join(BUILD_DIR, "variants", entry.name, _variant_key(entry, model_path))
     if os.path.isfile(os.path.join(cache, "fidelity.json")):
@@ -160,10 +153,10 @@ def produce_variant(entry: ModelEntry, stage_dir: str, model_path: str) -> tuple
         with open(os.path.join(cache, "fidelity.json")) as f:
             return artifact, overrides, json.load(f)
 
-    if entry.family == "image":
+    if family_of(entry).variants == "transform":
         figures = _image_variant(entry, stage_dir, kind, artifact, overrides)
     else:  # runtime-only variants (dtype, quantization): measured as the handler will run them
-        measure = fidelity.text_figures if entry.family == "text" else fidelity.tabular_figures
+        measure = resolve(family_of(entry).metric(entry.fidelity["metric"]).figures)
         figures = measure(model_path, entry.handler_config, entry.fidelity)
     log(f"{entry.name}: fidelity against fp32: {figures}")
     fidelity.check(entry.fidelity, figures, entry.name)  # raises FidelityError: not packaged
@@ -173,6 +166,21 @@ def produce_variant(entry: ModelEntry, stage_dir: str, model_path: str) -> tuple
     with open(os.path.join(cache, "fidelity.json"), "w") as f:
         json.dump(figures, f, indent=2)
     return artifact, overrides, figures
+
+
+def evaluation_data(entry: ModelEntry):
+    """(inputs, labels or None) a transform variant's metric is computed on, as its family
+    declares it (models/families.py): the held-out labelled data of the model's own samples
+    (accuracy), or the metric's data set (agreement: views of the photographs)."""
+    metric = family_of(entry).metric(entry.fidelity["metric"])
+    image = entry.handler_config["image"]
+    if metric.data == "labelled":
+        labelled = samples_of(entry).labelled
+        if labelled is None:
+            raise FidelityError(f"{entry.name}: fidelity metric {metric.name} needs labelled data, and "
+                                f"the {samples_of(entry).name} samples have none")
+        return resolve(labelled)(image)
+    return resolve(metric.data)(entry.fidelity, image), None
 
 
 def _image_variant(entry: ModelEntry, stage_dir: str, kind, artifact: str, overrides: dict) -> dict:
@@ -192,7 +200,7 @@ def _image_variant(entry: ModelEntry, stage_dir: str, kind, artifact: str, overr
         fp32 = runtime.build_model(config["model"]["module"], config["model"]["factory"],
                                    config["model"].get("kwargs", {}),
                                    os.path.join(stage_dir, WEIGHTS_FILE), cpu, channels_last=False)
-        inputs, labels = fidelity.evaluation_data(entry.fidelity, image)
+        inputs, labels = evaluation_data(entry)
         example = inputs[:2]
         started = time.perf_counter()
         if kind == "torchscript":
@@ -259,7 +267,7 @@ def stage(entry: ModelEntry, force_weights: bool) -> tuple:
     shutil.rmtree(stage_dir, ignore_errors=True)
     extra = os.path.join(stage_dir, "extra")
     os.makedirs(extra)
-    if entry.family == "text":
+    if family_of(entry).model_folder:
         meta = produce_model_folder(entry, extra)
         artifact, model_path = None, os.path.join(extra, entry.handler_config["model"]["path"])
     else:

@@ -8,6 +8,8 @@ from typing import Dict, List, Optional
 
 import yaml
 
+from models.families import FAMILIES as FAMILY_DECLARATIONS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATALOG_PATH = os.path.join(ROOT, "models", "catalog.yaml")
 CONFIG_PROPERTIES_PATH = os.path.join(ROOT, "config.properties")
@@ -19,14 +21,15 @@ MODEL_KEYS = ("name", "family", "version", "description", "handler", "model_file
               "versions", "default_version", "load_at_start")
 VARIANT_KEYS = ("variant", "transform", "runtime", "serving", "load_at_start")
 VERSION_KEYS = ("version", "description", "weights", "serving", "load_at_start")
-FAMILIES = ("image", "text", "tabular")
-TRANSFORMS = ("torchscript", "int8_x86", "onnx")  # image family only; other variants are runtime-only
+# The families and what each allows are declared once, in models/families.py.
+FAMILIES = tuple(FAMILY_DECLARATIONS)
+TRANSFORMS = tuple(dict.fromkeys(k for f in FAMILY_DECLARATIONS.values() for k in f.transforms))
 # One vocabulary of variant names across families: a variant is named for what it changes
 # (implied_variant_name), so that bf16 means autocast to bfloat16 and torchscript means TorchScript
 # everywhere.
 VARIANT_NAMES = ("torchscript", "onnx", "int8", "bf16", "fp16")
 DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16"}
-FIDELITY_METRICS = {"image": ("accuracy", "agreement"), "text": ("embedding",), "tabular": ("regression",)}
+FIDELITY_METRICS = {name: f.metric_names for name, f in FAMILY_DECLARATIONS.items()}
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
@@ -121,7 +124,7 @@ def _entry(raw: dict, index: int) -> ModelEntry:
     unknown = sorted(set(raw) - set(MODEL_KEYS))
     if unknown:
         raise CatalogError(f"{where}: unknown key '{unknown[0]}'; allowed: {', '.join(MODEL_KEYS)}")
-    for key in ("name", "family", "version", "handler", "weights", "serving", "handler_config"):
+    for key in ("name", "family", "version", "weights", "serving", "handler_config"):
         if key not in raw:
             raise CatalogError(f"{where}: '{key}' is missing")
     if not NAME_PATTERN.match(str(raw["name"])):
@@ -129,8 +132,8 @@ def _entry(raw: dict, index: int) -> ModelEntry:
     family = raw["family"]
     if family not in FAMILIES:
         raise CatalogError(f"{where}.family {family!r} must be one of {', '.join(FAMILIES)}")
-    if family == "image" and "labels" not in raw:
-        raise CatalogError(f"{where}: 'labels' is missing (an image classifier needs its labels)")
+    if FAMILY_DECLARATIONS[family].needs_labels and "labels" not in raw:
+        raise CatalogError(f"{where}: 'labels' is missing (an {family} model needs its labels)")
     serving = _serving(raw["serving"], where)
     for key in ("weights", "labels"):
         _source(raw.get(key), f"{where}.{key}", required=key == "weights")
@@ -140,7 +143,8 @@ def _entry(raw: dict, index: int) -> ModelEntry:
                            f"for the {family} family")
     transform = _transform(raw.get("transform"), family, where)
     return ModelEntry(name=str(raw["name"]), family=family, version=str(raw["version"]),
-                      description=str(raw.get("description", "")), handler=str(raw["handler"]),
+                      description=str(raw.get("description", "")),
+                      handler=str(raw.get("handler") or FAMILY_DECLARATIONS[family].handler),
                       model_files=tuple(raw.get("model_files", ())), weights=dict(raw["weights"]),
                       labels=dict(raw["labels"]) if raw.get("labels") else None, serving=serving,
                       handler_config=dict(raw["handler_config"]), fidelity=fidelity,
@@ -175,11 +179,12 @@ def _serving(serving, where: str) -> dict:
 def _transform(transform, family: str, where: str) -> Optional[dict]:
     if transform is None:
         return None
-    if family != "image":
+    allowed = FAMILY_DECLARATIONS[family].transforms
+    if not allowed:
         raise CatalogError(f"{where}.transform: the {family} family has runtime-only variants "
                            "(set handler runtime options such as dtype or quantization instead)")
-    if not isinstance(transform, dict) or transform.get("kind") not in TRANSFORMS:
-        raise CatalogError(f"{where}.transform.kind must be one of {', '.join(TRANSFORMS)}")
+    if not isinstance(transform, dict) or transform.get("kind") not in allowed:
+        raise CatalogError(f"{where}.transform.kind must be one of {', '.join(allowed)}")
     return transform
 
 

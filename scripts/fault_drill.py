@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 
 import requests
 
+from models.families import FOUNDATION_MODEL, resolve, samples_of
 from scripts.catalog import MODEL_STORE, ROOT, ModelEntry, load_catalog
 from scripts.ts_client import TorchServeClient, TorchServeError
 from scripts.ts_server import TorchServe
@@ -80,12 +81,29 @@ class DrillReport:
 
 
 def sample_inputs(entry: ModelEntry) -> List[bytes]:
-    """Real inputs for the model: the photographs for EfficientNet-Lite0, held-out digits for digits."""
+    """Real inputs for the model: its family's samples (models/families.py), e.g. the
+    photographs for an RGB classifier, held-out digits for the grayscale digits model."""
+    return list(resolve(samples_of(entry).drill)())
+
+
+def digit_bodies() -> List[bytes]:
+    """16 held-out digits as the 8-bit grayscale PNGs a client sends."""
     from models import sample_data
-    if entry.base == "digits":
-        _, _, images, _ = sample_data.digits_split()
-        return [sample_data.png_bytes(p) for p in images[:16]]
-    return sample_data.photo_bytes()
+    _, _, images, _ = sample_data.digits_split()
+    return [sample_data.png_bytes(p) for p in images[:16]]
+
+
+def sentence_bodies() -> List[bytes]:
+    """The fidelity gate's real sentences, one UTF-8 text body each."""
+    from models import sentences
+    return [text.encode("utf-8") for text in sentences.fidelity_sentences()]
+
+
+def row_bodies() -> List[bytes]:
+    """Held-out diabetes rows, each a JSON list of the 10 features (as the bench sends them)."""
+    from models.tabular import diabetes_split
+    _, _, rows, _, _ = diabetes_split()
+    return [json.dumps([float(str(v)) for v in row]).encode("utf-8") for row in rows[:64]]
 
 
 class SteadyLoad:
@@ -331,7 +349,7 @@ def write_report(report: DrillReport, path: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="efficientnet_lite0", help="a catalog model (default efficientnet_lite0)")
+    parser.add_argument("--model", default=FOUNDATION_MODEL, help=f"a catalog model (default {FOUNDATION_MODEL})")
     parser.add_argument("--workers", type=int, help="default: the catalog's minWorkers")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--warmup", type=float, default=3.0)

@@ -1,7 +1,8 @@
 """The build-time fidelity gate: a variant is measured against its fp32 model, through the same
 runtime code the handler uses, and refused when it costs more than the catalog allows.
 
-  accuracy   digits: held-out accuracy of both; refuse a drop above max_drop_points (default 0.5)
+  accuracy   held-out accuracy of both on the model's own labelled samples (models/families.py:
+             the digits model's held-out digits); refuse a drop above max_drop_points (default 0.5)
   agreement  photographs: top-1 agreement with fp32 and mean cosine similarity of the logits on
              `images` (>= 64) deterministic views; defaults 0.98 and 0.99
   embedding  text: real sentence pairs (models/sentences.py): per-sentence cosine of the variant's
@@ -28,15 +29,13 @@ def run_all(runner, inputs: torch.Tensor, channels_last: bool, batch_size: int =
     return torch.cat(outputs)
 
 
-def evaluation_data(fidelity: dict, image: dict):
-    """(inputs, labels or None) the metric is computed on."""
+def photo_views(fidelity: dict, image: dict) -> torch.Tensor:
+    """The agreement metric's data: ``images`` (>= 64) deterministic views of the photographs."""
     from models import variants
-    if fidelity["metric"] == "accuracy":
-        return variants.digits_heldout(image)
     count = int(fidelity.get("images", 64))
     if count < 64:
         raise FidelityError(f"fidelity.images is {count}; at least 64 images are required")
-    return variants.photo_fidelity_set(image, count), None
+    return variants.photo_fidelity_set(image, count)
 
 
 def measure(fidelity: dict, reference_logits: torch.Tensor, logits: torch.Tensor, labels) -> dict:

@@ -26,6 +26,7 @@ from typing import Dict, List
 import torch
 import yaml
 
+from models.families import FOUNDATION_MODEL
 from models.sample_data import photo_bytes
 from scripts.bench import InProcessPipeline, extract_archive, importable, machine_description
 from scripts.catalog import MODEL_STORE, load_catalog
@@ -91,7 +92,7 @@ class DeviceDecodePipeline:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--model", default=FOUNDATION_MODEL)
     parser.add_argument("--batches", default="64,256")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

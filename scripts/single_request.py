@@ -19,6 +19,7 @@ import tempfile
 import time
 from typing import Dict
 
+from models.families import FOUNDATION_MODEL
 from models.sample_data import phone_photo_bytes, photo_bytes
 from scripts import loadgen
 from scripts.bench import (CONTENT_TYPES, RESULTS_DIR, InProcessPipeline, ServedVariant,
@@ -129,7 +130,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--model", default=FOUNDATION_MODEL)
     parser.add_argument("--seconds", type=float, default=8.0, help="per served row and input")
     parser.add_argument("--repeats", type=int, default=40, help="in-process requests per input")
     args = parser.parse_args(argv)
