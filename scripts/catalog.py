@@ -16,12 +16,15 @@ MODEL_STORE = os.path.join(ROOT, "model_store")
 SERVING_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
 MODEL_KEYS = ("name", "family", "version", "description", "handler", "model_files", "weights",
               "labels", "serving", "handler_config", "fidelity", "transform", "variants",
-              "versions", "default_version", "load_at_start")
+              "versions", "default_version", "load_at_start", "tuning")
 VARIANT_KEYS = ("variant", "transform", "runtime", "serving", "load_at_start")
 VERSION_KEYS = ("version", "description", "weights", "serving", "load_at_start")
 FAMILIES = ("image", "text", "tabular")
 TRANSFORMS = ("torchscript", "int8_x86", "onnx")  # image family only; other variants are runtime-only
 FIDELITY_METRICS = {"image": ("accuracy", "agreement"), "text": ("embedding",), "tabular": ("regression",)}
+# `make tune` (scripts/tune.py): what a tuned setting must meet. latency_budget_ms: the p99 a setting
+# may reach at the tuner's concurrency (16 connections, the bench's) to be eligible.
+TUNING_KEYS = ("latency_budget_ms",)
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
@@ -48,6 +51,7 @@ class ModelEntry:
     load_at_start: bool = True     # in config.properties' load_models, served by `make serve`
     is_default: bool = True        # the version /predictions/<name> answers with
     archive: str = ""              # archive file stem: <name>, <name>_<variant> or <name>_v<version>
+    tuning: Optional[dict] = None  # {latency_budget_ms: p99 limit for `make tune`}; None: not tuned
 
     def registration(self) -> dict:
         """Management API parameters that register this archive with its catalog settings."""
@@ -134,13 +138,29 @@ def _entry(raw: dict, index: int) -> ModelEntry:
         raise CatalogError(f"{where}.fidelity.metric must be one of {', '.join(FIDELITY_METRICS[family])} "
                            f"for the {family} family")
     transform = _transform(raw.get("transform"), family, where)
+    tuning = _tuning(raw.get("tuning"), where)
     return ModelEntry(name=str(raw["name"]), family=family, version=str(raw["version"]),
                       description=str(raw.get("description", "")), handler=str(raw["handler"]),
                       model_files=tuple(raw.get("model_files", ())), weights=dict(raw["weights"]),
                       labels=dict(raw["labels"]) if raw.get("labels") else None, serving=serving,
                       handler_config=dict(raw["handler_config"]), fidelity=fidelity,
                       base=str(raw["name"]), transform=transform,
-                      load_at_start=bool(raw.get("load_at_start", True)))
+                      load_at_start=bool(raw.get("load_at_start", True)), tuning=tuning)
+
+
+def _tuning(tuning, where: str) -> Optional[dict]:
+    if tuning is None:
+        return None
+    if not isinstance(tuning, dict):
+        raise CatalogError(f"{where}.tuning must be a mapping with {', '.join(TUNING_KEYS)}")
+    unknown = sorted(set(tuning) - set(TUNING_KEYS))
+    if unknown:
+        raise CatalogError(f"{where}.tuning: unknown key '{unknown[0]}'; allowed: {', '.join(TUNING_KEYS)}")
+    budget = tuning.get("latency_budget_ms")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise CatalogError(f"{where}.tuning.latency_budget_ms must be a number of milliseconds > 0, "
+                           f"got {budget!r}")
+    return {"latency_budget_ms": budget}
 
 
 def _source(source, where: str, required: bool) -> None:
