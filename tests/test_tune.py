@@ -195,9 +195,11 @@ def test_the_search_grids():
     assert tune.thread_pairs(2) == [(1, 2), (1, 1), (2, 1)]
     assert tune.thread_pairs(1) == [(1, 1)]
     assert (4, 1) in tune.thread_pairs(4) and (2, 2) in tune.thread_pairs(4)
-    settings = tune.batching_settings(tune.QUICK, tp.Setting(8, 5, 2, 1), 20)
-    assert tp.Setting(1, 1, 2, 1) in settings and tp.Setting(16, 20, 2, 1) in settings
+    settings = tune.batching_settings(tune.FULL, tp.Setting(8, 5, 2, 1), 0)
+    assert tp.Setting(1, 1, 2, 1) in settings and tp.Setting(32, 20, 2, 1) in settings
     assert all(s.max_batch_delay_ms >= 1 for s in settings)  # 0 would start as 100 ms (TorchServe 0.12)
+    quick = tune.batching_settings(tune.QUICK, tp.Setting(8, 5, 2, 1), 20)
+    assert quick == [tp.Setting(b, 20, 2, 1) for b in (4, 8, 16)]
 
 
 # -- tuned copies, configuration, serve ----------------------------------------------------------
@@ -289,7 +291,7 @@ def test_a_quick_tune_writes_a_profile_that_torchserve_then_serves(catalog, mode
     except loadgen.LoadgenMissing as exc:
         pytest.skip(f"no load generator here: {exc}")
     from scripts.ts_server import TorchServe, local_addresses
-    monkeypatch.setattr(tune, "QUICK", replace(tune.QUICK, batch_sizes=(1, 4), latency_archives=1))
+    monkeypatch.setattr(tune, "QUICK", replace(tune.QUICK, batch_sizes=(4,), latency_archives=1))
     out = tmp_path / "tuned"
     code = tune.main(["--quick", "--models", "diabetes", "--seconds", "1", "--warmup", "0.3", "--out", str(out)])
     assert code == 0
@@ -304,20 +306,29 @@ def test_a_quick_tune_writes_a_profile_that_torchserve_then_serves(catalog, mode
                                    for r in rows]
     assert tuned["latency"]["concurrency"] == 1
 
-    # Serve it, with a batch size that no catalog setting has, to see it applied.
+    # Serve it, with a batch size that no catalog setting has, to see it applied; and digits
+    # tuned too (a made-up pick), whose version 2.0 stays the catalog's and 1.0 the default.
     tuned["throughput"].update(batch_size=3, max_batch_delay_ms=2, workers=2, threads=1)
+    profile["models"].update(_profile(model_store, [("digits", "digits_int8.mar", tp.Setting(5, 3, 1, 1))])["models"])
     picked, problems = tp.choices(profile, "throughput", catalog, model_store)
-    assert problems == [] and set(picked) == {"diabetes"}
+    assert problems == [] and set(picked) == {"diabetes", "digits"}
     home = tmp_path / "serve"
     tp.prepare_store(picked, str(home / "store"), {"profile": "test", "key": key, "mode": "throughput"})
-    only_diabetes = Catalog(catalog.server, [m for m in catalog.models if m.name == "diabetes"])
+    two = Catalog(catalog.server, [m for m in catalog.models if m.name in ("diabetes", "digits")])
     overrides = {**local_addresses(), "metrics_config": os.path.join(tp.ROOT, "metrics.yaml")}
     config = home / "config.properties"
-    config.write_text(tp.render_tuned_config(only_diabetes, picked, str(home / "store"), overrides=overrides))
+    config.write_text(tp.render_tuned_config(two, picked, str(home / "store"), overrides=overrides))
     server = TorchServe(str(home), str(config))
     server.start()
     try:
-        server.client.wait_ready(["diabetes/1.0"], 180)
+        server.client.wait_ready(["diabetes/1.0", "digits/1.0", "digits/2.0"], 180)
+        from scripts.manage import default_version, enforce_default_versions
+        enforce_default_versions(server.client, two.default_versions())
+        assert default_version(server.client, "digits") == "1.0"
+        (v1,) = server.client.describe("digits", "1.0")
+        (v2,) = server.client.describe("digits", "2.0")
+        assert (v1["modelUrl"], v1["batchSize"], v1["maxBatchDelay"]) == ("digits_int8-tuned.mar", 5, 3)
+        assert (v2["modelUrl"], v2["batchSize"], v2["maxBatchDelay"]) == ("digits_v2.0.mar", 8, 5)
         (described,) = server.client.describe("diabetes")
         assert described["modelUrl"] == f"{picked['diabetes'].entry.mar_name[:-4]}-tuned.mar"
         assert (described["batchSize"], described["maxBatchDelay"]) == (3, 2)
