@@ -46,7 +46,13 @@ def server_config(catalog: Catalog, profile: str = "auto", profile_dir: str = tu
         print(f"tuned profile: none for this machine ({_shown(tuned_profile.profile_path(here, profile_dir))} "
               f"does not exist; `make tune` writes it): the catalog's settings")
         return CONFIG_PROPERTIES_PATH
-    loaded = tuned_profile.load_profile(path)
+    try:
+        loaded = tuned_profile.load_profile(path)
+    except tuned_profile.ProfileError as exc:
+        if profile != "auto":
+            raise
+        print(f"tuned profile: WARNING {exc}: the catalog's settings")
+        return CONFIG_PROPERTIES_PATH
     print(f"tuned profile: {_shown(path)} (key {loaded['key']}; {mode} picks; `make tune"
           f"{' --quick' if loaded.get('mode') == 'quick' else ''}` of {loaded.get('created', '?')})")
     if loaded["key"] != here:

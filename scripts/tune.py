@@ -291,7 +291,8 @@ def parse_args(argv, served: Sequence[str]):
     parser.add_argument("--concurrency", type=int, default=16, help="connections (default 16, the bench's)")
     parser.add_argument("--out", default=tp.PROFILE_DIR, help="profile folder (default build/tuned)")
     parser.add_argument("--store", default=MODEL_STORE, help="archives to tune (default model_store)")
-    parser.add_argument("--max-minutes", type=float, help="stop measuring after this long (picks from what was measured)")
+    parser.add_argument("--max-minutes", type=float,
+                        help="stop measuring after this long (picks from what was measured)")
     args = parser.parse_args(argv)
     models = [m for item in (args.models or served) for m in item.split(",") if m]
     unknown = sorted(set(models) - set(served))

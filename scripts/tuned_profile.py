@@ -347,7 +347,8 @@ class Choice:
                        load_at_start=True)
 
 
-def choices(profile: dict, mode: str, catalog: Catalog, store: str = MODEL_STORE) -> Tuple[Dict[str, Choice], List[str]]:
+def choices(profile: dict, mode: str, catalog: Catalog,
+            store: str = MODEL_STORE) -> Tuple[Dict[str, Choice], List[str]]:
     """The profile's picks that may be served today: {model: Choice}, and one line per model left
     on its catalog setting and why (archive modified since tuning, refused by today's gate...)."""
     out, problems = {}, []

@@ -257,8 +257,8 @@ def test_serve_uses_this_machines_profile_and_says_so(catalog, model_store, tmp_
     assert "tuned profile: none for this machine" in capsys.readouterr().out
     with pytest.raises(tp.ProfileError, match="no tuned profile for this machine"):
         serve.server_config(catalog, "latency", str(profiles), KEY, model_store, str(home))
-    path = tp.write_profile(_profile(model_store, [("digits", "digits_int8.mar", tp.Setting(16, 2, 2, 1)),
-                                                   ("diabetes", "diabetes.mar", tp.Setting(4, 1, 2, 1))]), str(profiles))
+    picks = [("digits", "digits_int8.mar", tp.Setting(16, 2, 2, 1)), ("diabetes", "diabetes.mar", tp.Setting(4, 1, 2, 1))]
+    path = tp.write_profile(_profile(model_store, picks), str(profiles))
     config = serve.server_config(catalog, "auto", str(profiles), KEY, model_store, str(home))
     out = capsys.readouterr().out
     assert config == str(home / "config.properties")
@@ -270,6 +270,9 @@ def test_serve_uses_this_machines_profile_and_says_so(catalog, model_store, tmp_
     assert "digits_int8-tuned.mar" in stored and "minilm_int8.mar" in stored  # links: manage.py registers any
     assert serve.server_config(catalog, "none", str(profiles), KEY, model_store, str(home)) == CONFIG_PROPERTIES_PATH
     assert "PROFILE=none" in capsys.readouterr().out
+    assert serve.server_config(catalog, "latency", str(profiles), KEY, model_store, str(home)) == config
+    assert "latency picks" in capsys.readouterr().out
+    assert parse_config_properties(open(config).read())["models"].count('"batchSize": 1') == 2
     # An archive changed since tuning: that model keeps the catalog's setting; the others are tuned.
     profile = tp.load_profile(path)
     profile["models"]["diabetes"]["throughput"]["sha256"] = "f" * 64
@@ -278,6 +281,12 @@ def test_serve_uses_this_machines_profile_and_says_so(catalog, model_store, tmp_
     assert "diabetes: diabetes.mar changed since it was tuned" in capsys.readouterr().out
     load = parse_config_properties(open(config).read())["load_models"].split(",")
     assert "diabetes.mar" in load and "digits=digits_int8-tuned.mar" in load
+    # An unreadable profile: PROFILE=auto serves the catalog's settings, saying why; explicit fails.
+    open(path, "w").write("{not json")
+    assert serve.server_config(catalog, "auto", str(profiles), KEY, model_store, str(home)) == CONFIG_PROPERTIES_PATH
+    assert "WARNING cannot read the tuned profile" in capsys.readouterr().out
+    with pytest.raises(tp.ProfileError):
+        serve.server_config(catalog, "throughput", str(profiles), KEY, model_store, str(home))
 
 
 # -- real runs -----------------------------------------------------------------------------------
