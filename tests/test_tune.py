@@ -350,3 +350,12 @@ def test_a_quick_tune_writes_a_profile_that_torchserve_then_serves(catalog, mode
         assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1
     finally:
         server.stop()
+
+
+def test_the_command_line_names_the_tunable_models():
+    args = tune.parse_args(["--quick", "--models", "digits,diabetes", "--seconds", "1"], ["digits", "diabetes"])
+    assert args.models == ["digits", "diabetes"] and args.grid.seconds == 1 and args.grid.keep == tune.QUICK.keep
+    assert tune.parse_args([], ["digits"]).grid == tune.FULL
+    with pytest.raises(SystemExit):
+        tune.parse_args(["--models", "digits_int8"], ["digits", "diabetes"])
+    assert tune.tunable(load_catalog()) == ["efficientnet_lite0", "digits", "minilm", "diabetes"]
