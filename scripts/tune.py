@@ -260,6 +260,11 @@ def table_lines(name: str, tuned: dict) -> List[str]:
                      f"{_f(r['foreign_cpu_cores'], 2)} | {verdict} |")
     refused = [c for c in tuned["candidates"] if c["status"] != "ok"]
     lines.append("")
+    noisy = [r for r in tuned["table"] if (r.get("foreign_cpu_cores") or 0) > bench.FOREIGN_CPU_WARNING]
+    if noisy:
+        lines.append(f"- WARNING: {len(noisy)} of {len(tuned['table'])} settings were measured while other "
+                     f"programs used more than {bench.FOREIGN_CPU_WARNING:g} cores: tune again on a quiet "
+                     f"machine before trusting close picks")
     for c in refused:
         lines.append(f"- not a candidate: {c['archive']} ({c['status']}: {c['reason']})")
     for mode in tp.MODES:

@@ -189,6 +189,9 @@ def test_the_tuner_never_measures_nor_picks_an_archive_outside_the_gate(catalog,
     assert {r["stage"] for r in tuned["table"]} == set(tune.STAGES)
     text = "\n".join(tune.table_lines("digits", tuned))
     assert "**throughput pick**" in text and "not a candidate: digits_amp.mar (refused" in text
+    assert "WARNING" not in text
+    tuned["table"][0]["foreign_cpu_cores"] = 0.9
+    assert "- WARNING: 1 of" in "\n".join(tune.table_lines("digits", tuned))
 
 
 def test_the_search_grids():
