@@ -6,13 +6,15 @@ PY := $(VENV)/bin/python
 # Keyed on what the venv is made from: a change to either reinstalls.
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: help venv java haproxy loadgen build config serve stop test bench soak kserve k8s rehearse image clean
+.PHONY: help venv java haproxy loadgen build config serve stop test bench tune soak kserve k8s rehearse image clean
 
 help:
 	@echo "make serve   set up .venv, build weights and archives, start TorchServe, wait until READY"
 	@echo "make stop    stop the TorchServe started by make serve"
 	@echo "make test    the whole test suite (unit + integration against a real TorchServe)"
 	@echo "make bench   in-process vs served vs TorchServe's stock handler, side by side"
+	@echo "make tune    this machine's fastest settings within the gates (TUNE_ARGS=--quick: CI-sized)"
+	@echo "             make serve then uses them; PROFILE=none ignores them, PROFILE=latency: lowest p50"
 	@echo "make build   weights + model_store/*.mar;  make config  regenerate config.properties"
 	@echo "make soak    10-minute soak: concurrency 32, good and bad inputs, memory of the workers"
 	@echo "make kserve  KServe runtime, model repository + InferenceService manifests in build/kserve"
@@ -49,9 +51,12 @@ build: venv
 config: venv
 	$(PY) -m scripts.render_config
 
+# auto: this machine's tuned profile (build/tuned/<key>.json) when `make tune` wrote one;
+# throughput | latency | none | path/to/profile.json
+PROFILE ?= auto
 serve: venv java build
 	$(PY) -m scripts.verify_archives
-	$(PY) -m scripts.serve start
+	$(PY) -m scripts.serve start --profile "$(PROFILE)"
 
 stop: venv
 	$(PY) -m scripts.serve stop
@@ -61,6 +66,11 @@ test: venv java haproxy loadgen build
 
 bench: venv java loadgen build
 	$(PY) -m scripts.bench
+
+# TUNE_ARGS: --quick, --models digits,diabetes, --seconds S, --max-minutes M (scripts/tune.py)
+TUNE_ARGS ?=
+tune: venv java loadgen build
+	$(PY) -m scripts.tune $(TUNE_ARGS)
 
 soak: venv java build
 	$(PY) -m scripts.soak --start --seconds 600

@@ -18,7 +18,7 @@ MODEL_STORE = os.path.join(ROOT, "model_store")
 SERVING_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
 MODEL_KEYS = ("name", "family", "version", "description", "handler", "model_files", "weights",
               "labels", "serving", "handler_config", "fidelity", "transform", "variants",
-              "versions", "default_version", "load_at_start")
+              "versions", "default_version", "load_at_start", "tuning")
 VARIANT_KEYS = ("variant", "transform", "runtime", "serving", "load_at_start")
 VERSION_KEYS = ("version", "description", "weights", "serving", "load_at_start")
 # The families and what each allows are declared once, in models/families.py.
@@ -30,6 +30,9 @@ TRANSFORMS = tuple(dict.fromkeys(k for f in FAMILY_DECLARATIONS.values() for k i
 VARIANT_NAMES = ("torchscript", "onnx", "int8", "bf16", "fp16")
 DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16"}
 FIDELITY_METRICS = {name: f.metric_names for name, f in FAMILY_DECLARATIONS.items()}
+# `make tune` (scripts/tune.py): what a tuned setting must meet. latency_budget_ms: the p99 a setting
+# may reach at the tuner's concurrency (16 connections, the bench's) to be eligible.
+TUNING_KEYS = ("latency_budget_ms",)
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
@@ -56,6 +59,7 @@ class ModelEntry:
     load_at_start: bool = True     # in config.properties' load_models, served by `make serve`
     is_default: bool = True        # the version /predictions/<name> answers with
     archive: str = ""              # archive file stem: <name>, <name>_<variant> or <name>_v<version>
+    tuning: Optional[dict] = None  # {latency_budget_ms: p99 limit for `make tune`}; None: not tuned
 
     def registration(self) -> dict:
         """Management API parameters that register this archive with its catalog settings."""
@@ -142,6 +146,7 @@ def _entry(raw: dict, index: int) -> ModelEntry:
         raise CatalogError(f"{where}.fidelity.metric must be one of {', '.join(FIDELITY_METRICS[family])} "
                            f"for the {family} family")
     transform = _transform(raw.get("transform"), family, where)
+    tuning = _tuning(raw.get("tuning"), where)
     return ModelEntry(name=str(raw["name"]), family=family, version=str(raw["version"]),
                       description=str(raw.get("description", "")),
                       handler=str(raw.get("handler") or FAMILY_DECLARATIONS[family].handler),
@@ -149,7 +154,22 @@ def _entry(raw: dict, index: int) -> ModelEntry:
                       labels=dict(raw["labels"]) if raw.get("labels") else None, serving=serving,
                       handler_config=dict(raw["handler_config"]), fidelity=fidelity,
                       base=str(raw["name"]), transform=transform,
-                      load_at_start=bool(raw.get("load_at_start", True)))
+                      load_at_start=bool(raw.get("load_at_start", True)), tuning=tuning)
+
+
+def _tuning(tuning, where: str) -> Optional[dict]:
+    if tuning is None:
+        return None
+    if not isinstance(tuning, dict):
+        raise CatalogError(f"{where}.tuning must be a mapping with {', '.join(TUNING_KEYS)}")
+    unknown = sorted(set(tuning) - set(TUNING_KEYS))
+    if unknown:
+        raise CatalogError(f"{where}.tuning: unknown key '{unknown[0]}'; allowed: {', '.join(TUNING_KEYS)}")
+    budget = tuning.get("latency_budget_ms")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise CatalogError(f"{where}.tuning.latency_budget_ms must be a number of milliseconds > 0, "
+                           f"got {budget!r}")
+    return {"latency_budget_ms": budget}
 
 
 def _source(source, where: str, required: bool) -> None:
