@@ -53,11 +53,7 @@ class ProfileError(ValueError):
 # -- the machine's key ---------------------------------------------------------------------------
 def available_cores() -> int:
     """The cores a worker may use, as handler_kit.runtime counts them (affinity, cgroup quota)."""
-    import sys
-    handlers = os.path.join(ROOT, "handlers")
-    if handlers not in sys.path:
-        sys.path.insert(0, handlers)
-    from handler_kit import runtime
+    from handler_kit import runtime  # installed with the project (pyproject.toml)
     return runtime.available_cores()
 
 
