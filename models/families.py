@@ -74,7 +74,7 @@ class Family:
     model_folder: bool = False      # weights are a model folder (config, tokenizer, weights), not a file
     runtime_label: str = ""         # (handler config) -> how an archive runs, e.g. "torchscript, int8_x86"
     # The limits its handler enforces that the bad-input cases are built around: name ->
-    # (path in the handler config, the handler's default). tests/test_families.py checks the
+    # (path in the handler config, the handler's default). tests/unit/test_families.py checks the
     # defaults against the handler's own config parser.
     limits: Dict[str, Tuple[Tuple[str, ...], int]] = field(default_factory=dict)
     # (handler config) -> the name of the samples (in SAMPLES) its models are sent

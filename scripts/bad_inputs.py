@@ -14,7 +14,7 @@ photographs, grayscale digits, sentences, table rows: scripts/bad_input_images.p
 scripts/bad_input_cases.py) and the limits come from the model's handler config. Which models
 are exercised comes from the catalog (its loaded_at_start names); CASE_BUILDERS holds one per
 model of models/catalog.yaml, and cases for a model listed in PENDING_MODELS that the catalog
-does not serve are reported as pending. The tests (tests/test_bad_inputs.py) and the soak
+does not serve are reported as pending. The tests (tests/integration/test_bad_inputs.py) and the soak
 (scripts/soak.py) use the functions below.
 """
 import argparse

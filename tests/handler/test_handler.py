@@ -129,7 +129,7 @@ def test_a_family_handler_writes_only_its_stages_over_the_staged_base(name):
     """TorchServe loads the one class the handler file defines; loading, warm-up, metrics,
     profiling, out-of-memory splitting and per-request statuses are the base's, for every family."""
     import ast
-    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "handlers", name)) as f:
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "handlers", name)) as f:
         tree = ast.parse(f.read())
     [handler] = [node for node in tree.body if isinstance(node, ast.ClassDef)]
     assert [base.id for base in handler.bases] == ["StagedHandler"]

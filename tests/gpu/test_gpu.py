@@ -19,7 +19,7 @@ def test_handler_runs_on_the_gpu_torchserve_assigns(extracted_archives, samples)
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_autocast_on_cuda_keeps_the_top1(extracted_archives, samples, tmp_path, dtype):
-    from tests.test_handler import copy_with_config
+    from tests.handler.test_handler import copy_with_config
     folder = copy_with_config(extracted_archives["digits"], tmp_path / "digits",
                               lambda c: c["handler"]["runtime"].update(dtype=dtype))
     fp32 = load_service(extracted_archives["digits"], gpu_id=0)

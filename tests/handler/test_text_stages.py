@@ -19,7 +19,7 @@ from handler_kit.text_config import parse_text_embedder  # noqa: E402
 from tests.answers import EMBEDDING_ATOL  # noqa: E402
 from tests.ts_harness import infer, load_service  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL_DIR = str(minilm.get_model_path())
 TEXT, JSON, BINARY = "text/plain", "application/json", "application/octet-stream"
 MAX_LENGTH, MAX_CHARS, MAX_TEXTS, BATCH = 128, 4000, 16, 8

@@ -162,7 +162,7 @@ def test_a_table_row_per_recorded_archive():
 
 def test_readme_shows_one_example_per_family_with_its_answer():
     """README's quick start: a curl per family, each followed by an answer of the shape that
-    tests/test_readme.py checks when it runs that curl against a real TorchServe."""
+    tests/integration/test_readme.py checks when it runs that curl against a real TorchServe."""
     from models.sample_data import PHOTO_CLASSES
     with open(readme_tables.README_PATH, encoding="utf-8") as f:
         quick_start = f.read().split("## Quick start", 1)[1].split("\n## ", 1)[0]
@@ -177,4 +177,4 @@ def test_readme_shows_one_example_per_family_with_its_answer():
     assert top1 in PHOTO_CLASSES["china.jpg"]
     assert '"dimension": 384' in answers["minilm"] and '"embeddings"' in answers["minilm"]
     prediction = float(re.search(r'"predictions": \[([0-9.]+)\]', answers["diabetes"]).group(1))
-    assert 25 <= prediction <= 346  # the target's range, as tests/test_readme.py checks
+    assert 25 <= prediction <= 346  # the target's range, as tests/integration/test_readme.py checks

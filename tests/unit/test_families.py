@@ -9,7 +9,7 @@ import pytest
 
 from models.families import FAMILIES, SAMPLES, Family, family_of, resolve, samples_of
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DECLARATION = os.path.join("models", "families.py")
 
 

@@ -1,0 +1,1 @@
+"""Tests by layer: CUDA only; skipped where there is none."""

@@ -1,0 +1,1 @@
+"""Tests by layer: against a real TorchServe (Java frontend and Python workers)."""

@@ -1,0 +1,1 @@
+"""Tests by layer: unit tests: no server, no archive."""
