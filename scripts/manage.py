@@ -225,7 +225,7 @@ def format_rows(rows: List[dict]) -> str:
 
 def project_defaults() -> Tuple[str, str, str]:
     """(inference URL, management URL, home) of `make serve`'s server."""
-    from scripts.serve import project_server
+    from scripts.ts_server import project_server
     server = project_server()
     return server.inference_url, server.management_url, server.cwd
 

@@ -15,16 +15,7 @@ from scripts import tuned_profile
 from scripts.catalog import CONFIG_PROPERTIES_PATH, MODEL_STORE, ROOT, Catalog, load_catalog
 from scripts.manage import enforce_default_versions, history_path_for
 from scripts.ts_client import TorchServeError
-from scripts.ts_server import TorchServe, check_java
-
-SERVER_HOME = os.path.join(ROOT, ".serve")  # pid file and temporary files of `make serve`
-
-
-def project_server() -> TorchServe:
-    """The server of config.properties, run from the project root as `torchserve --start` would
-    be: key_file.json lands there and model_store=model_store resolves to ./model_store."""
-    return TorchServe(SERVER_HOME, CONFIG_PROPERTIES_PATH, cwd=ROOT)
-
+from scripts.ts_server import SERVER_HOME, TorchServe, check_java, project_server  # noqa: F401
 
 def _shown(path: str) -> str:
     return os.path.relpath(path, ROOT) if os.path.abspath(path).startswith(ROOT + os.sep) else path

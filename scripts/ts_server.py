@@ -19,7 +19,8 @@ from typing import Dict, Optional
 import psutil
 import requests
 
-from scripts.catalog import ROOT, Catalog, parse_config_properties, render_config_properties
+from scripts.catalog import (CONFIG_PROPERTIES_PATH, ROOT, Catalog, parse_config_properties,
+                            render_config_properties)
 from scripts.ts_client import TorchServeClient
 
 MIN_JAVA = 17
@@ -190,3 +191,12 @@ class TorchServe:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+SERVER_HOME = os.path.join(ROOT, ".serve")  # pid file and temporary files of `make serve`
+
+
+def project_server() -> TorchServe:
+    """`make serve`'s server (scripts/serve.py), run from the project root as `torchserve --start`
+    would be: key_file.json lands there and model_store=model_store resolves to ./model_store."""
+    return TorchServe(SERVER_HOME, CONFIG_PROPERTIES_PATH, cwd=ROOT)
