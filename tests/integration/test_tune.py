@@ -114,18 +114,18 @@ def _rewrite(path, change):
 
 @pytest.fixture
 def fake_store(tmp_path, model_store):
-    """digits' archives: digits.mar and digits_int8.mar as built; digits_amp.mar with fidelity
+    """digits' archives: digits.mar and digits_int8.mar as built; digits_bf16.mar with fidelity
     figures that fail the gate (and a SHA256SUMS that lists it as built); digits_onnx.mar
-    modified after the build; digits_compiled.mar missing (as a variant refused at build is)."""
+    modified after the build; digits_torchscript.mar missing (as a variant refused at build is)."""
     store = tmp_path / "store"
     store.mkdir()
-    for name in ("digits.mar", "digits_int8.mar", "digits_amp.mar", "digits_onnx.mar"):
+    for name in ("digits.mar", "digits_int8.mar", "digits_bf16.mar", "digits_onnx.mar"):
         shutil.copy(os.path.join(model_store, name), store / name)
 
     def fail_gate(config):
         config["handler"]["meta"]["fidelity"].update(accuracy=0.9, accuracy_drop_points=8.9)
-    _rewrite(store / "digits_amp.mar", fail_gate)
-    sums = {n: tp.sha256_file(str(store / n)) for n in ("digits.mar", "digits_int8.mar", "digits_amp.mar")}
+    _rewrite(store / "digits_bf16.mar", fail_gate)
+    sums = {n: tp.sha256_file(str(store / n)) for n in ("digits.mar", "digits_int8.mar", "digits_bf16.mar")}
     sums["digits_onnx.mar"] = "0" * 64
     (store / "SHA256SUMS").write_text("".join(f"{d}  {n}\n" for n, d in sums.items()))
     return str(store)
@@ -133,12 +133,12 @@ def fake_store(tmp_path, model_store):
 
 def test_candidates_are_only_the_gated_archives_as_built(catalog, fake_store):
     found = {c.entry.mar_name: c for c in tp.candidates(catalog, "digits", fake_store)}
-    assert list(found) == ["digits.mar", "digits_amp.mar", "digits_int8.mar", "digits_compiled.mar",
+    assert list(found) == ["digits.mar", "digits_bf16.mar", "digits_int8.mar", "digits_torchscript.mar",
                            "digits_onnx.mar"]                          # never digits_v2.0.mar
     assert {n: c.status for n, c in found.items()} == {
-        "digits.mar": "ok", "digits_int8.mar": "ok", "digits_amp.mar": "refused",
-        "digits_compiled.mar": "missing", "digits_onnx.mar": "modified"}
-    assert "8.9 points below" in found["digits_amp.mar"].reason
+        "digits.mar": "ok", "digits_int8.mar": "ok", "digits_bf16.mar": "refused",
+        "digits_torchscript.mar": "missing", "digits_onnx.mar": "modified"}
+    assert "8.9 points below" in found["digits_bf16.mar"].reason
     # A gate tightened in the catalog since the build refuses what passed then; never relaxed.
     strict = Catalog(catalog.server, [replace(m, fidelity={**m.fidelity, "max_drop_points": -1.0})
                                       if m.mar_name == "digits_int8.mar" else m for m in catalog.models])
@@ -152,7 +152,7 @@ def test_candidates_are_only_the_gated_archives_as_built(catalog, fake_store):
 
 
 class _FakeTuner:
-    """tune_model's measurements, made up: every archive measures the same, except digits_amp.mar
+    """tune_model's measurements, made up: every archive measures the same, except digits_bf16.mar
     (which fails its gate), which would win if it were ever measured."""
     grid = tune.QUICK
     concurrency = 16
@@ -163,7 +163,7 @@ class _FakeTuner:
 
     def measure(self, stage, candidate, setting, inputs, concurrency):
         self.asked.append(candidate.entry.mar_name)
-        fast = candidate.entry.mar_name == "digits_amp.mar"
+        fast = candidate.entry.mar_name == "digits_bf16.mar"
         return tune.row(stage, candidate, setting, concurrency, _measurement(
             setting, concurrency, 99999.0 if fast else 1000.0 + 100 * setting.batch_size))
 
@@ -185,10 +185,10 @@ def test_the_tuner_never_measures_nor_picks_an_archive_outside_the_gate(catalog,
     assert tuned["latency"]["batch_size"] == 1 and tuned["latency"]["concurrency"] == 1
     assert tuned["throughput"]["sha256"] == tp.sha256_file(os.path.join(fake_store, tuned["throughput"]["archive"]))
     statuses = {c["archive"]: c["status"] for c in tuned["candidates"]}
-    assert statuses["digits_amp.mar"] == "refused" and statuses["digits_compiled.mar"] == "missing"
+    assert statuses["digits_bf16.mar"] == "refused" and statuses["digits_torchscript.mar"] == "missing"
     assert {r["stage"] for r in tuned["table"]} == set(tune.STAGES)
     text = "\n".join(tune.table_lines("digits", tuned))
-    assert "**throughput pick**" in text and "not a candidate: digits_amp.mar (refused" in text
+    assert "**throughput pick**" in text and "not a candidate: digits_bf16.mar (refused" in text
     assert "WARNING" not in text
     tuned["table"][0]["foreign_cpu_cores"] = 0.9
     assert "- WARNING: 1 of" in "\n".join(tune.table_lines("digits", tuned))
