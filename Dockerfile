@@ -1,4 +1,4 @@
-# The serving image of deploy/k8s/ (scripts/k8s.py) and of docs/gateway-and-rehearsal.md: TorchServe
+# The serving image of deploy/k8s/ (scripts/deploy/k8s.py) and of docs/gateway-and-rehearsal.md: TorchServe
 # 0.12 on CPU with this project's pins, its handlers, scripts and catalog, and the archives of
 # model_store/ baked in. WORKDIR is the repository's copy; the container runs scripts/entrypoint.sh,
 # the same entrypoint the local rehearsal (make rehearse) runs.

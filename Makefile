@@ -45,44 +45,48 @@ loadgen:
 	@bash scripts/ensure_loadgen.sh
 
 build: venv
-	$(PY) -m scripts.build_archives
-	$(PY) -m scripts.grpc_stubs
+	$(PY) -m scripts.build.build_archives
+	$(PY) -m scripts.build.grpc_stubs
 
 config: venv
-	$(PY) -m scripts.render_config
+	$(PY) -m scripts.build.render_config
 
 # auto: this machine's tuned profile (build/tuned/<key>.json) when `make tune` wrote one;
 # throughput | latency | none | path/to/profile.json
 PROFILE ?= auto
 serve: venv java build
-	$(PY) -m scripts.verify_archives
-	$(PY) -m scripts.serve start --profile "$(PROFILE)"
+	$(PY) -m scripts.build.verify_archives
+	$(PY) -m scripts.serving.serve start --profile "$(PROFILE)"
 
 stop: venv
-	$(PY) -m scripts.serve stop
+	$(PY) -m scripts.serving.serve stop
 
 test: venv java haproxy loadgen build
 	$(PY) -m pytest
 
+# One run: the side-by-side tables, the concurrency-1 rows, then every target with its figure
+# (scripts/bench/targets.py, with this machine's tuned profile when `make tune` wrote one).
 bench: venv java loadgen build
 	$(PY) -m scripts.bench
+	$(PY) -m scripts.bench.single_request
+	$(PY) -m scripts.bench.targets
 
-# TUNE_ARGS: --quick, --models digits,diabetes, --seconds S, --max-minutes M (scripts/tune.py)
+# TUNE_ARGS: --quick, --models digits,diabetes, --seconds S, --max-minutes M (scripts/bench/tune.py)
 TUNE_ARGS ?=
 tune: venv java loadgen build
-	$(PY) -m scripts.tune $(TUNE_ARGS)
+	$(PY) -m scripts.bench.tune $(TUNE_ARGS)
 
 soak: venv java build
-	$(PY) -m scripts.soak --start --seconds 600
+	$(PY) -m scripts.drills.soak --start --seconds 600
 
 kserve: venv build
-	$(PY) -m scripts.kserve
+	$(PY) -m scripts.deploy.kserve
 
 k8s: venv
-	$(PY) -m scripts.k8s
+	$(PY) -m scripts.deploy.k8s
 
 rehearse: venv java haproxy build
-	$(PY) -m scripts.rehearse
+	$(PY) -m scripts.drills.rehearse
 
 IMAGE ?= torchserve-models:0.12.0-cpu
 image: build

@@ -53,6 +53,9 @@ class Metric:
     # Runtime-only variants: (model path, handler config, fidelity) -> figures, through the
     # handler's own stages. Transform variants are measured by the build on ``data``.
     figures: Optional[str] = None
+    # The metric's gate (what a variant must pass to be packaged) and how its figures read in the
+    # bench and the docs: a scripts/build/fidelity.py MetricRules.
+    rules: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class Family:
     item_noun: str                  # one item in prose (image, text, row)
     metrics: Tuple[Metric, ...]     # fidelity metrics allowed; the first is the default
     weights_sources: Tuple[str, ...]   # what its weights are made from: a change rebuilds them
-    variant_sources: Tuple[str, ...]   # what its variant figures are made from (with scripts/fidelity.py)
+    variant_sources: Tuple[str, ...]   # what its variant figures are made from (with scripts/build/fidelity.py)
     # "transform": a variant's archive holds a transformed model (TorchScript, int8, ONNX),
     # measured by the build on the metric's data; "runtime": variants are handler runtime options
     # (dtype, quantization) on the same weights, measured by the metric's ``figures``.
@@ -106,25 +109,25 @@ class Family:
 
 
 # -- samples -------------------------------------------------------------------------------------
-_CASES, _IMAGES = "scripts.bad_input_cases", "scripts.bad_input_images"
+_CASES, _IMAGES = "scripts.drills.bad_input_cases", "scripts.drills.bad_input_images"
 
 SAMPLES: Dict[str, Samples] = {s.name: s for s in (
     Samples("photos",  # the two photographs that ship with scikit-learn
-            bench="scripts.bench:load_photos", drill="models.sample_data:photo_bytes",
+            bench="scripts.bench.measure:load_photos", drill="models.sample_data:photo_bytes",
             good=f"{_IMAGES}:photo_requests", cases=f"{_IMAGES}:photo_cases",
-            rehearsal="scripts.kserve_runtime:photo_instance"),
+            rehearsal="scripts.deploy.kserve_runtime:photo_instance"),
     Samples("digits",  # scikit-learn's held-out 8x8 digits as 8-bit grayscale PNGs
-            bench="scripts.bench:load_digits", drill="scripts.fault_drill:digit_bodies",
+            bench="scripts.bench.measure:load_digits", drill="scripts.drills.fault_drill:digit_bodies",
             good=f"{_IMAGES}:digit_requests", cases=f"{_IMAGES}:digit_cases",
-            rehearsal="scripts.kserve_runtime:digit_instance", labelled="models.variants:digits_heldout"),
+            rehearsal="scripts.deploy.kserve_runtime:digit_instance", labelled="models.variants:digits_heldout"),
     Samples("sentences",  # the fidelity gate's real sentences (models/sentences.py)
-            bench="scripts.bench:load_sentences", drill="scripts.fault_drill:sentence_bodies",
+            bench="scripts.bench.measure:load_sentences", drill="scripts.drills.fault_drill:sentence_bodies",
             good=f"{_CASES}:sentence_requests", cases=f"{_CASES}:sentence_cases",
-            rehearsal="scripts.kserve_runtime:sentence_instance"),
+            rehearsal="scripts.deploy.kserve_runtime:sentence_instance"),
     Samples("diabetes_rows",  # held-out rows of scikit-learn's diabetes set, in its own units
-            bench="scripts.bench:load_diabetes_rows", drill="scripts.fault_drill:row_bodies",
+            bench="scripts.bench.measure:load_diabetes_rows", drill="scripts.drills.fault_drill:row_bodies",
             good=f"{_CASES}:row_requests", cases=f"{_CASES}:row_cases",
-            rehearsal="scripts.kserve_runtime:row_instance"),
+            rehearsal="scripts.deploy.kserve_runtime:row_instance"),
 )}
 
 
@@ -138,43 +141,55 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
     Family(
         "image", handler="handlers/image_classifier.py", content_type="application/octet-stream",
         item_unit="img", item_noun="image",
-        metrics=(Metric("accuracy", data="labelled"),
-                 Metric("agreement", data="scripts.fidelity:photo_views")),
+        metrics=(Metric("accuracy", data="labelled", rules="scripts.build.fidelity:ACCURACY"),
+                 Metric("agreement", data="scripts.build.fidelity:photo_views",
+                        rules="scripts.build.fidelity:AGREEMENT")),
         weights_sources=("models/weights.py", "models/sample_data.py", "handlers/handler_kit/vision.py"),
         variant_sources=("models/variants.py", "handlers/handler_kit/runtime.py",
                          "handlers/handler_kit/vision.py", "handlers/handler_kit/config.py",
                          "handlers/handler_kit/image_config.py"),
         variants="transform", transforms=("torchscript", "int8_x86", "onnx"), needs_labels=True,
-        runtime_label="scripts.bench:image_runtime_label",
+        runtime_label="scripts.bench.report:image_runtime_label",
         limits={"max_pixels": (("image", "max_pixels"), 50_000_000), "topk": (("topk",), 5)},
         choose_samples=_image_samples),
     Family(
         "text", handler="handlers/text_embedder.py", content_type="text/plain; charset=utf-8",
         item_unit="texts", item_noun="text",
         metrics=(Metric("embedding", data="models.sentences:fidelity_sentences",
-                        figures="scripts.fidelity:text_figures"),),
+                        figures="scripts.build.fidelity:text_figures", rules="scripts.build.fidelity:EMBEDDING"),),
         weights_sources=("models/weights.py",),
         variant_sources=("models/sentences.py", "handlers/handler_kit/text.py",
                          "handlers/handler_kit/text_config.py", "handlers/handler_kit/quantization.py"),
-        variants="runtime", model_folder=True, runtime_label="scripts.bench:eager_runtime_label",
+        variants="runtime", model_folder=True, runtime_label="scripts.bench.report:eager_runtime_label",
         limits={"max_chars": (("max_chars",), 10_000), "max_texts": (("max_texts",), 64)},
         choose_samples=lambda config: "sentences"),
     Family(
         "tabular", handler="handlers/tabular_regressor.py", content_type="application/json",
         item_unit="rows", item_noun="row",
         metrics=(Metric("regression", data="models.tabular:diabetes_split",
-                        figures="scripts.fidelity:tabular_figures"),),
+                        figures="scripts.build.fidelity:tabular_figures",
+                        rules="scripts.build.fidelity:REGRESSION"),),
         weights_sources=("models/weights.py", "models/tabular.py"),
         variant_sources=("models/tabular.py", "handlers/handler_kit/tabular.py",
                          "handlers/handler_kit/tabular_config.py", "handlers/handler_kit/quantization.py"),
-        variants="runtime", runtime_label="scripts.bench:eager_runtime_label",
+        variants="runtime", runtime_label="scripts.bench.report:eager_runtime_label",
         limits={"max_rows": (("max_rows",), 1024)},
         choose_samples=lambda config: "diabetes_rows"),
 )}
 
 # The model the bench's foundation table (in-process vs served vs TorchServe's stock handler),
-# scripts/single_request.py and the fault drill use unless told otherwise.
+# scripts/bench/single_request.py and the fault drill use unless told otherwise.
 FOUNDATION_MODEL = "efficientnet_lite0"
+
+
+def metric_named(name: str) -> Metric:
+    """The fidelity metric of that name, whichever family declares it."""
+    for family in FAMILIES.values():
+        for metric in family.metrics:
+            if metric.name == name:
+                return metric
+    known = sorted(m.name for f in FAMILIES.values() for m in f.metrics)
+    raise ValueError(f"fidelity.metric {name!r}: one of {', '.join(known)}")
 
 
 def family_of(entry) -> Family:

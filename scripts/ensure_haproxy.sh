@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The gateway (scripts/gateway.py, make rehearse, tests/integration/test_gateway.py) runs HAProxy 2.6 or newer
+# The gateway (scripts/deploy/gateway.py, make rehearse, tests/integration/test_gateway.py) runs HAProxy 2.6 or newer
 # (Debian 12's package). Use the one on PATH (or /usr/sbin/haproxy); where there is none and we may,
 # install Debian's haproxy; otherwise say exactly what to do.
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark's load generator (scripts/loadgen.py: `make bench`, tests/integration/test_bench.py) is wrk, C with
+# The benchmark's load generator (scripts/bench/loadgen.py: `make bench`, tests/integration/test_bench.py) is wrk, C with
 # LuaJIT scripting (Debian 12's package, 4.1). Use the one on PATH (or $WRK); where there is none and we
 # may, install Debian's wrk; otherwise say exactly what to do.
 set -euo pipefail
@@ -7,7 +7,7 @@ found() {
     local bin="${WRK:-}"
     [ -n "$bin" ] || bin=$(command -v wrk 2>/dev/null || true)
     [ -n "$bin" ] && [ -x "$bin" ] || return 1
-    # "wrk debian/4.1.0-3+b2 [epoll] ..." or "wrk 4.2.0 [epoll] ...": 4.x has the Lua API scripts/loadgen.lua
+    # "wrk debian/4.1.0-3+b2 [epoll] ..." or "wrk 4.2.0 [epoll] ...": 4.x has the Lua API scripts/bench/loadgen.lua
     # uses. (wrk --version exits 1 after printing it.)
     local said
     said=$("$bin" --version 2>&1 || true)

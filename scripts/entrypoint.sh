@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The one entrypoint of a TorchServe replica: the container (Dockerfile, deploy/k8s) and the local
-# rehearsal (scripts/rehearse.py, make rehearse) both run it.
+# rehearsal (scripts/drills/rehearse.py, make rehearse) both run it.
 #
-#  1. writes the replica's config.properties (python -m scripts.pod_config render): the catalog's
+#  1. writes the replica's config.properties (python -m scripts.serving.pod_config render): the catalog's
 #     configuration, KServe-free, token authorization off, TS_* environment variables applied
-#     (listeners, TS_MODEL_STORE, TS_LOAD_MODELS, ...; see scripts/pod_config.py);
+#     (listeners, TS_MODEL_STORE, TS_LOAD_MODELS, ...; see scripts/serving/pod_config.py);
 #  2. starts `torchserve --start --foreground --ncs` with it;
 #  3. in the background, once the management API lists the served versions, sets the catalog's
 #     default versions (TorchServe 0.12 ignores defaultVersion at start);
@@ -35,12 +35,12 @@ mkdir -p "$pod_home" "$LOG_LOCATION" "$METRICS_LOCATION" "$(dirname "$config")"
 
 log() { echo "entrypoint: $*" >&2; }
 
-store=$("$PYTHON" -m scripts.pod_config render --out "$config")
+store=$("$PYTHON" -m scripts.serving.pod_config render --out "$config")
 log "config $config, model store $store"
 
 torchserve --start --foreground --ncs --ts-config "$config" --model-store "$store" &
 wrapper=$!
-"$PYTHON" -m scripts.pod_config enforce-defaults "$config" &
+"$PYTHON" -m scripts.serving.pod_config enforce-defaults "$config" &
 enforcer=$!
 
 stopping=""

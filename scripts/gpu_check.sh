@@ -21,7 +21,7 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu.p
 echo "GPU tests: rc=$? ($(tail -1 "$out/gpu-tests.txt"))"
 
 # In-process: fp32 vs fp16 channels_last handler vs batched device JPEG decoding + fp16.
-timeout 150 python3 -m scripts.gpu_bench --batches 64,256 --seconds 5 --out "$out" \
+timeout 150 python3 -m scripts.bench.gpu_bench --batches 64,256 --seconds 5 --out "$out" \
   > "$out/gpu-bench.txt" 2>&1
 echo "GPU bench: rc=$?"; grep -h '^\[gpu-bench\]' "$out/gpu-bench.txt" | tail -8
 

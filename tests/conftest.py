@@ -10,8 +10,8 @@ import pytest
 # name. handler_kit is imported here, first, so that the tests use the source package even after
 # an extracted archive folder (which holds its own copy) joins the import path as in a worker.
 import handler_kit  # noqa: F401
-from scripts.catalog import MODEL_STORE, load_catalog
-from scripts.ts_server import TorchServe, check_java
+from models.catalog import MODEL_STORE, load_catalog
+from scripts.serving.ts_server import TorchServe, check_java
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from typing import List, Sequence, Tuple
 from ts.protocol.otf_message_handler import _retrieve_inference_msg
 from ts.service import Service
 
-from scripts.in_process import load_service  # noqa: F401  (the tests load archives through it)
+from scripts.build.in_process import load_service  # noqa: F401  (the tests load archives through it)
 
 
 class _Socket:

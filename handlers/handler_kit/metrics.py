@@ -1,7 +1,7 @@
 """The handlers' own Prometheus metrics: stage times, batch sizes and rejected inputs per reason.
 
 TorchServe exposes a backend metric on its metrics port only when its metrics configuration
-declares it: `python -m scripts.render_config` writes metrics.yaml from MODEL_METRICS below plus
+declares it: `python -m scripts.build.render_config` writes metrics.yaml from MODEL_METRICS below plus
 TorchServe's own defaults, and config.properties points metrics_config at it.
 
 Times and sizes are counters of sums (with a batch counter beside them), the Prometheus way to get

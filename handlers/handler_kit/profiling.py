@@ -2,7 +2,7 @@
 
 The switch is a request file, ``<trigger_dir>/<model>.json``, for example
 ``{"requests": 16, "activities": ["cpu"], "record_shapes": false}``, written by
-``python -m scripts.profile MODEL --requests 16``. Before each batch the handler stats that path
+``python -m scripts.serving.profile MODEL --requests 16``. Before each batch the handler stats that path
 (one os.stat, nothing more while the switch is off). A worker that finds the file claims it with
 an atomic rename, so that of several workers serving the model only one profiles; it then
 records its next batches, only inside ``maybe_profile`` (collection is paused between them), until
@@ -19,7 +19,7 @@ Nothing here ever fails a request: profiling errors are logged and the wrapped c
 
 Where trigger_dir is: $TS_HANDLER_PROFILE_DIR (TorchServe passes its environment to the workers;
 set it empty to switch the feature off), else ``build/profiles`` under the directory TorchServe
-was started in (the project root for `make serve`), which scripts/profile.py uses by default.
+was started in (the project root for `make serve`), which scripts/serving/profile.py uses by default.
 """
 import json
 import logging
@@ -50,7 +50,7 @@ class ProfileRequest:
     requests: int                        # profile batches until this many requests went through
     activities: Tuple[str, ...] = ("cpu",)
     record_shapes: bool = False          # input shapes per operator (bigger trace, finer table)
-    tag: str = ""                        # free text echoed in summary.json (scripts/profile.py's id)
+    tag: str = ""                        # free text echoed in summary.json (scripts/serving/profile.py's id)
 
 
 def parse_request(raw) -> ProfileRequest:
@@ -113,7 +113,7 @@ def new_output_dir(trigger_dir: str, model_name: str) -> str:
 
 
 def write_atomically(path: str, text: str) -> None:
-    """Readers (scripts/profile.py) never see a half-written file."""
+    """Readers (scripts/serving/profile.py) never see a half-written file."""
     partial = path + ".partial"
     with open(partial, "w", encoding="utf-8") as f:
         f.write(text)

@@ -5,7 +5,7 @@ while the others keep the answers they get alone, and describe reports the archi
 import pytest
 
 from models.families import family_of, resolve, samples_of
-from scripts.catalog import load_catalog
+from models.catalog import load_catalog
 from tests.answers import answers_close
 from tests.ts_harness import infer, load_service
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
-from scripts import bench
-from scripts.catalog import CATALOG_PATH, ROOT, load_catalog
-from scripts.in_process import new_worker_imports
+from scripts.bench import served
+from models.catalog import CATALOG_PATH, ROOT, load_catalog
+from scripts.build.in_process import new_worker_imports
 from tests.ts_harness import infer, load_service
 
 ARCHITECTURE = textwrap.dedent('''
@@ -77,7 +77,7 @@ def own_model(tmp_path_factory):
     path = folder / "catalog.yaml"
     path.write_text(yaml.safe_dump(catalog, sort_keys=False))
     store = folder / "store"
-    result = subprocess.run([sys.executable, "-m", "scripts.build_archives", "--catalog", str(path),
+    result = subprocess.run([sys.executable, "-m", "scripts.build.build_archives", "--catalog", str(path),
                              "--export-path", str(store)], cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -113,8 +113,8 @@ def test_own_model_and_its_variants_are_built_gated_and_answer(own_model, sample
 def test_stock_handler_archive_serves_the_same_network(own_model, samples, tmp_path, monkeypatch):
     catalog_path, store = own_model
     catalog = load_catalog(catalog_path)
-    monkeypatch.setattr(bench, "MODEL_STORE", store)
-    stock_mar = bench.build_stock_archive(catalog.model("pebble"), catalog, str(tmp_path / "stock-store"),
+    monkeypatch.setattr(served, "MODEL_STORE", store)  # where the stock archive takes its state_dict from
+    stock_mar = served.build_stock_archive(catalog.model("pebble"), catalog, str(tmp_path / "stock-store"),
                                           str(tmp_path / "work"))
     # As in a TorchServe worker, "image_classifier" must resolve to TorchServe's stock handler, not
     # to this project's handler file that the archives extracted by the test above hold.

@@ -1,4 +1,4 @@
-"""The profiling switch (handlers/handler_kit/profiling.py, scripts/profile.py): a request file
+"""The profiling switch (handlers/handler_kit/profiling.py, scripts/serving/profile.py): a request file
 turns torch.profiler on for a model's next N requests, the trace lands in a folder, the switch
 turns itself off, and nothing about it can fail a request."""
 import json
@@ -15,8 +15,8 @@ import torch
 
 from handler_kit import profiling
 from handler_kit.profiling import ENV_PROFILE_DIR, Profiler, ProfileRequestError, parse_request
-from scripts import profile as profile_script
-from scripts.profile import ProfileFailed, find_result, wait_for_profile, write_request
+from scripts.serving import profile as profile_script
+from scripts.serving.profile import ProfileFailed, find_result, wait_for_profile, write_request
 from tests.ts_harness import infer, load_service
 
 X = torch.randn(48, 48)

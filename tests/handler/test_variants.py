@@ -12,7 +12,7 @@ import yaml
 from handler_kit import runtime
 from handler_kit.image_config import parse_image_classifier
 from handler_kit.errors import ConfigError
-from scripts.catalog import CATALOG_PATH, ROOT, load_catalog
+from models.catalog import CATALOG_PATH, ROOT, load_catalog
 from tests.ts_harness import infer, load_service
 
 CATALOG = load_catalog()
@@ -87,7 +87,7 @@ def test_build_refuses_quantization_without_calibration(tmp_path):
     catalog["models"] = [digits]
     path = tmp_path / "catalog.yaml"
     path.write_text(yaml.safe_dump(catalog))
-    result = subprocess.run([sys.executable, "-m", "scripts.build_archives", "--catalog", str(path),
+    result = subprocess.run([sys.executable, "-m", "scripts.build.build_archives", "--catalog", str(path),
                              "--only", "digits_int8", "--export-path", str(tmp_path / "store")],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1

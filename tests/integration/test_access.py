@@ -21,8 +21,9 @@ import torch
 
 from handler_kit import runtime
 from handler_kit.errors import ConfigError
-from scripts import ts_client, verify_archives
-from scripts.catalog import ROOT, load_catalog, parse_config_properties
+from scripts.serving import ts_client
+from scripts.build import verify_archives
+from models.catalog import ROOT, load_catalog, parse_config_properties
 
 # The catalog's (and config.properties') value: no URL of any kind may be registered (TorchServe's
 # default 'file://.*|http(s)?://.*' downloads or copies anything into the store); archives are
@@ -309,7 +310,7 @@ def test_a_copy_of_the_store_passes_until_it_is_tampered_with(store_copy):
     data = bytearray(open(target, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(target, "wb").write(bytes(data))
-    result = subprocess.run([sys.executable, "-m", "scripts.verify_archives", "--store", store_copy],
+    result = subprocess.run([sys.executable, "-m", "scripts.build.verify_archives", "--store", store_copy],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "digits.mar: sha256" in result.stderr and "differs" in result.stderr

@@ -1,4 +1,4 @@
-"""The bad-input corpus (scripts/bad_inputs.py) against a real TorchServe: every case alone, then
+"""The bad-input corpus (scripts/drills/bad_inputs.py) against a real TorchServe: every case alone, then
 every case mixed into server-side batches of good requests, whose answers must not change; no
 worker may restart (pids from the management API's describe)."""
 import dataclasses
@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from scripts import bad_inputs
-from scripts.catalog import load_catalog
+from scripts.drills import bad_inputs
+from models.catalog import load_catalog
 
 pytestmark = pytest.mark.integration
 

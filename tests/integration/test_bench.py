@@ -1,5 +1,5 @@
-"""scripts/bench.py's text and tabular rows: what it plans, how it feeds the handlers, its load
-generator (wrk through scripts/loadgen.py: its output, its own CPU use), the echo ceiling's handler,
+"""make bench's (scripts/bench/) text and tabular rows: what it plans, how it feeds the handlers, its load
+generator (wrk through scripts/bench/loadgen.py: its output, its own CPU use), the echo ceiling's handler,
 and one real run of text and tabular rows in-process and served (a real TorchServe on free
 127.0.0.1 ports, loaded by wrk)."""
 import argparse
@@ -13,28 +13,30 @@ import zipfile
 import numpy as np
 import pytest
 
-from scripts import bench, loadgen
+from scripts.bench import cli, measure, plan, report, served
+from models.catalog import FAMILIES
+from scripts.bench import loadgen
 from tests.answers import summaries_close
 from tests.ts_harness import infer, load_service
 
 
 def test_text_family_alone_plans_the_minilm_archives_without_the_foundation(catalog):
-    tables = bench.plan_variant_tables(catalog, bench.variant_names(catalog), [], ["text"])
+    tables = plan.plan_variant_tables(catalog, cli.variant_names(catalog), [], ["text"])
     assert [t.base.mar_name for t in tables] == ["minilm.mar"]
     rows = tables[0].rows
     assert [r.entry.mar_name for r in rows] == ["minilm.mar", "minilm_bf16.mar", "minilm_int8.mar"]
-    assert bench.in_process_plan(catalog.model(bench.MODEL), [], tables) == \
+    assert plan.in_process_plan(catalog.model(measure.MODEL), [], tables) == \
         [(r.in_process_key, r.entry) for r in rows]
-    inputs = {"minilm": bench.load_sentences()}
-    served = bench.served_plan(catalog.model(bench.MODEL), [], tables, inputs)
-    assert [v.key for v in served] == ["minilm served", "minilm_bf16 served", "minilm_int8 served"]
-    assert {(v.content_type, v.unit) for v in served} == {("text/plain; charset=utf-8", "texts")}
+    inputs = {"minilm": measure.load_sentences()}
+    served_variants = plan.served_plan(catalog.model(measure.MODEL), [], tables, inputs)
+    assert [v.key for v in served_variants] == ["minilm served", "minilm_bf16 served", "minilm_int8 served"]
+    assert {(v.content_type, v.unit) for v in served_variants} == {("text/plain; charset=utf-8", "texts")}
 
 
 def test_every_row_key_is_unique_and_other_versions_get_no_row(catalog):
     """digits 1.0 and 2.0 share a name: keys go by archive, and 2.0 is not a variant of 1.0."""
-    tables = bench.plan_variant_tables(catalog, bench.variant_names(catalog), ["a", "b"],
-                                       list(bench.FAMILIES))
+    tables = plan.plan_variant_tables(catalog, cli.variant_names(catalog), ["a", "b"],
+                                       list(FAMILIES))
     keys = [k for t in tables for r in t.rows for k in (r.in_process_key, r.served_key)]
     assert len(keys) == len(set(keys))
     archives = [r.entry.mar_name for t in tables for r in t.rows]
@@ -61,37 +63,37 @@ class _Conn:
 def test_in_process_bodies_are_decoded_as_the_worker_decodes_them(content_type, body):
     from ts.protocol.otf_message_handler import _retrieve_input_data
     worker = _retrieve_input_data(_Conn(_frame(content_type, body)))["value"]
-    ours = bench.worker_value(body, content_type)
+    ours = measure.worker_value(body, content_type)
     assert ours == worker and type(ours) in (type(worker), bytes)
 
 
 def test_tabular_inputs_are_the_held_out_rows_as_json():
     from models.tabular import diabetes_split
     _, _, x_test, _, names = diabetes_split()
-    bodies = bench.load_diabetes_rows()
+    bodies = measure.load_diabetes_rows()
     rows = np.asarray([json.loads(b) for b in bodies.values()], dtype=np.float32)
     assert rows.shape == (len(x_test), len(names))
     assert np.array_equal(rows, x_test)
 
 
 def test_answer_summaries_tell_families_apart():
-    assert bench.answer_summary({"embeddings": [[0.5, -0.25, 0.125, 1.0]], "dimension": 4}) == \
+    assert measure.answer_summary({"embeddings": [[0.5, -0.25, 0.125, 1.0]], "dimension": 4}) == \
         "4-d [0.5000, -0.2500, 0.1250, ...]"
-    assert bench.answer_summary({"predictions": [151.234], "model_version": "1.0"}) == "151.23"
-    assert bench.answer_summary([{"label": "vacuum", "index": 882}]) == "vacuum"
-    assert bench.answer_summary({"code": 400, "type": "BadInput"}).startswith("unexpected answer")
+    assert measure.answer_summary({"predictions": [151.234], "model_version": "1.0"}) == "151.23"
+    assert measure.answer_summary([{"label": "vacuum", "index": 882}]) == "vacuum"
+    assert measure.answer_summary({"code": 400, "type": "BadInput"}).startswith("unexpected answer")
 
 
 def test_fidelity_cells_for_text_and_tabular():
     text = {"metric": "embedding", "min_cosine": 0.96033, "mean_cosine": 0.97561, "pair_order": 1.0,
             "lossy": True}
-    assert bench.fidelity_cell("embedding", text) == "0.96033, 0.97561, 1.00 (lossy)"
-    assert bench.fidelity_cell("embedding", {"reference": True}) == "reference"
-    assert bench.fidelity_cell("regression", {"reference": True, "r2": 0.4512}) == "0.4512 (reference)"
-    assert bench.fidelity_cell("regression", {"r2": 0.45, "r2_drop": 0.0012}) == "0.4500 (drop 0.0012)"
+    assert report.fidelity_cell("embedding", text) == "0.96033, 0.97561, 1.00 (lossy)"
+    assert report.fidelity_cell("embedding", {"reference": True}) == "reference"
+    assert report.fidelity_cell("regression", {"reference": True, "r2": 0.4512}) == "0.4512 (reference)"
+    assert report.fidelity_cell("regression", {"r2": 0.45, "r2_drop": 0.0012}) == "0.4500 (drop 0.0012)"
 
 
-# What scripts/loadgen.lua printed, recorded from wrk 4.1.0 (Debian 12) loading a real TorchServe 0.12
+# What scripts/bench/loadgen.lua printed, recorded from wrk 4.1.0 (Debian 12) loading a real TorchServe 0.12
 # serving echo.mar (16 connections, 2 s): with the inference key, and with a wrong one.
 WRK_OUTPUT_OK = """\
 Running 12s test @ http://127.0.0.1:56397/predictions/echo
@@ -152,7 +154,7 @@ def test_wrk_output_becomes_a_served_measurement():
     load = loadgen.parse_output(WRK_OUTPUT_OK)
     assert (load.requests, load.ok, load.seconds) == (5393, 5393, 2.004105)
     assert load.errors == {} and load.first_error is None
-    result = bench.loadgen_measurement("echo ceiling", load)
+    result = served.loadgen_measurement("echo ceiling", load)
     assert result.items == 5393 and result.throughput == pytest.approx(2691.0, abs=0.1)
     assert (result.percentile(50), result.percentile(99)) == (5.202, 40.892)  # microseconds -> ms
     assert result.summary()["errors"] == 0 and result.client.startswith("wrk")
@@ -160,7 +162,7 @@ def test_wrk_output_becomes_a_served_measurement():
 
 def test_answers_outside_2xx_are_errors_not_items():
     load = loadgen.parse_output(WRK_OUTPUT_REFUSED)
-    result = bench.loadgen_measurement("echo ceiling", load)
+    result = served.loadgen_measurement("echo ceiling", load)
     assert result.items == 0 and result.throughput == 0
     assert result.errors == {"HTTP 400": 12450}
     assert result.first_error.startswith('HTTP 400: { "code": 400, "type": "InvalidKeyException"')
@@ -192,7 +194,7 @@ def test_a_child_is_stopped_with_sigint_after_its_time():
 
 
 def test_other_programs_cpu_leaves_out_the_clients():
-    foreign = bench.ForeignCpu()
+    foreign = measure.ForeignCpu()
     foreign.start()
     quiet = foreign.cores(client_cpu_s=0.0)
     assert foreign.cores(client_cpu_s=1e6) == 0.0 <= quiet
@@ -201,21 +203,21 @@ def test_other_programs_cpu_leaves_out_the_clients():
 def test_without_wrk_the_served_rows_fail_naming_the_install_command(catalog, monkeypatch, tmp_path):
     monkeypatch.delenv("WRK", raising=False)
     monkeypatch.setattr(loadgen.shutil, "which", lambda name: None)
-    plan = [bench.echo_variant({"row": b"[1.0]"})]
+    echo_only = [served.echo_variant({"row": b"[1.0]"})]
     args = argparse.Namespace(client="wrk", concurrency=4, warmup=0.0, seconds=1.0)
-    (result,) = bench.run_served(catalog.model(bench.MODEL), catalog, plan, args, str(tmp_path))
+    (result,) = served.run_served(catalog.model(measure.MODEL), catalog, echo_only, args, str(tmp_path))
     assert result.variant == "echo ceiling" and "apt-get install -y wrk" in result.failure
     assert "ensure_loadgen.sh" in result.failure
     assert not os.listdir(tmp_path)  # no server started, no archive built
 
 
 def test_models_narrow_the_tables_and_clients_are_named(catalog):
-    args = bench.parse_args(["--families", "image", "--models", "digits"], bench.variant_names(catalog))
+    args = cli.parse_args(["--families", "image", "--models", "digits"], cli.variant_names(catalog))
     assert args.models == ["digits"] and args.client == "wrk" and not args.skip_echo
     with pytest.raises(SystemExit):
-        bench.parse_args(["--models", "resnet18"], bench.variant_names(catalog))
+        cli.parse_args(["--models", "resnet18"], cli.variant_names(catalog))
     with pytest.raises(SystemExit):
-        bench.parse_args(["--client", "hey"], bench.variant_names(catalog))
+        cli.parse_args(["--client", "hey"], cli.variant_names(catalog))
 
 
 def test_the_load_generator_drives_loopback_only():
@@ -225,7 +227,7 @@ def test_the_load_generator_drives_loopback_only():
 
 
 def test_the_echo_archive_answers_a_constant_in_process(tmp_path):
-    mar = bench.build_echo_archive(str(tmp_path / "store"), str(tmp_path))
+    mar = served.build_echo_archive(str(tmp_path / "store"), str(tmp_path))
     with zipfile.ZipFile(mar) as archive:
         assert sorted(archive.namelist()) == ["MAR-INF/MANIFEST.json", "echo_handler.py"]  # no model
         archive.extractall(tmp_path / "echo")
@@ -233,17 +235,17 @@ def test_the_echo_archive_answers_a_constant_in_process(tmp_path):
     requests = [("body", "application/json", b"[1.0, 2.0]"), ("body", "text/plain", b"hello"),
                 ("body", "application/octet-stream", b"\x89PNG")]
     assert infer(service, requests) == [(200, "ok")] * 3
-    assert bench.answer_summary("ok") == "ok"
+    assert measure.answer_summary("ok") == "ok"
 
 
 def test_served_rows_are_compared_with_the_lower_of_echo_and_in_process():
-    echo = bench.Measurement("echo ceiling", items=3000, seconds=1.0)
-    fast = bench.Measurement("diabetes in-process", items=40000, seconds=1.0)
-    slow = bench.Measurement("minilm in-process", items=200, seconds=1.0)
-    assert bench.ceiling(fast, echo) == (3000.0, "echo")
-    assert bench.ceiling(slow, echo) == (200.0, "in-process")
-    assert bench.ceiling(slow, None) == (200.0, "in-process")
-    assert bench.ceiling(None, bench.Measurement("echo ceiling", failure="no wrk")) == (None, None)
+    echo = measure.Measurement("echo ceiling", items=3000, seconds=1.0)
+    fast = measure.Measurement("diabetes in-process", items=40000, seconds=1.0)
+    slow = measure.Measurement("minilm in-process", items=200, seconds=1.0)
+    assert report.ceiling(fast, echo) == (3000.0, "echo")
+    assert report.ceiling(slow, echo) == (200.0, "in-process")
+    assert report.ceiling(slow, None) == (200.0, "in-process")
+    assert report.ceiling(None, measure.Measurement("echo ceiling", failure="no wrk")) == (None, None)
 
 
 @pytest.mark.integration
@@ -255,30 +257,31 @@ def test_text_and_tabular_rows_in_process_and_served(tmp_path, monkeypatch):
         loadgen.find_wrk()
     except loadgen.LoadgenMissing as exc:  # make test installs it (scripts/ensure_loadgen.sh) where it can
         pytest.skip(f"no load generator here: {exc}")
-    monkeypatch.setattr(bench, "RESULTS_DIR", str(tmp_path))
-    code = bench.main(["--families", "text,tabular", "--variants", "int8", "--seconds", "2",
+    monkeypatch.setattr(report, "RESULTS_DIR", str(tmp_path))  # write_results writes there
+    monkeypatch.setattr(cli, "RESULTS_DIR", str(tmp_path))
+    code = cli.main(["--families", "text,tabular", "--variants", "int8", "--seconds", "2",
                        "--in-process-seconds", "1", "--warmup", "0.5", "--concurrency", "4"])
     assert code == 0
     with open(tmp_path / "latest.json", encoding="utf-8") as f:
         results = json.load(f)
     assert results["variants"] == {} and set(results["archive_variants"]) == {"minilm", "diabetes"}
-    expected = {"minilm": ("minilm_int8.mar", "texts", bench.load_sentences()),
-                "diabetes": ("diabetes_int8.mar", "rows", bench.load_diabetes_rows())}
+    expected = {"minilm": ("minilm_int8.mar", "texts", measure.load_sentences()),
+                "diabetes": ("diabetes_int8.mar", "rows", measure.load_diabetes_rows())}
     for model, (archive, unit, inputs) in expected.items():
         (row,) = results["archive_variants"][model]
         assert row["archive"] == archive and row["runtime"] == "eager, dynamic_int8"
-        in_process, served = row["in_process"], row["served"]
-        assert in_process["items_ok"] > 0 and served["items_ok"] > 0 and served["errors"] == 0
-        assert served["unit"] == unit and "throughput_img_s" not in served
-        assert served["requests_s"] == served["throughput_items_s"]
-        assert served["settings"]["batch_size"] == 8
-        assert served["client"].startswith("wrk") and 0 <= served["client_cpu_cores"] < 1
+        in_process, served_row = row["in_process"], row["served"]
+        assert in_process["items_ok"] > 0 and served_row["items_ok"] > 0 and served_row["errors"] == 0
+        assert served_row["unit"] == unit and "throughput_img_s" not in served_row
+        assert served_row["requests_s"] == served_row["throughput_items_s"]
+        assert served_row["settings"]["batch_size"] == 8
+        assert served_row["client"].startswith("wrk") and 0 <= served_row["client_cpu_cores"] < 1
         assert row["served_over_ceiling"] > 0 and row["ceiling"] in ("echo", "in-process")
-        assert len(served["answers"]) == len(inputs)
+        assert len(served_row["answers"]) == len(inputs)
         # one input at a time both ways, but other threads/kernels: printed summaries may differ
         # in their last printed decimal (tests/answers.py)
-        assert set(served["answers"]) == set(in_process["answers"])
-        for name, summary in served["answers"].items():
+        assert set(served_row["answers"]) == set(in_process["answers"])
+        for name, summary in served_row["answers"].items():
             assert summaries_close(summary, in_process["answers"][name]), (name, summary)
     table = (tmp_path / "latest.md").read_text(encoding="utf-8")
     assert "| int8 (eager, dynamic_int8) |" in table

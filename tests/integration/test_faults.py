@@ -13,8 +13,8 @@ import psutil
 import pytest
 import yaml
 
-from scripts import fault_drill
-from scripts.fault_drill import Answer, WorkerSnapshot
+from scripts.drills import fault_drill
+from scripts.drills.fault_drill import Answer, WorkerSnapshot
 
 RESPONSE_TIMEOUT_S = 5
 WORKER_DIED = "Worker died."  # TorchServe's message for a request whose worker went away

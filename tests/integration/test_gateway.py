@@ -1,7 +1,7 @@
-"""The gateway and the pod entrypoint: the replica configuration (scripts/pod_config.py), the entrypoint's
-signal handling (scripts/entrypoint.sh), the HAProxy configuration (scripts/gateway.py: unit tests,
+"""The gateway and the pod entrypoint: the replica configuration (scripts/serving/pod_config.py), the entrypoint's
+signal handling (scripts/entrypoint.sh), the HAProxy configuration (scripts/deploy/gateway.py: unit tests,
 then HAProxy itself against a stand-in backend), and the rehearsal's drills against real processes:
-two TorchServe replicas started by the entrypoint and HAProxy in front (scripts/rehearse.py).
+two TorchServe replicas started by the entrypoint and HAProxy in front (scripts/drills/rehearse.py).
 
 HAProxy tests are skipped, saying so, only where no haproxy is installed (make test installs it:
 scripts/ensure_haproxy.sh)."""
@@ -20,12 +20,14 @@ import time
 import pytest
 import requests
 
-from scripts import gateway, k8s, manage, pod_config, rehearsal_drills
-from scripts.catalog import MODEL_STORE, ROOT, parse_config_properties
-from scripts.gateway import GatewayError
-from scripts.pod_config import PodConfigError
-from scripts.rehearsal import LIGHT_MODELS, Rehearsal, RehearsalError, haproxy_binary
-from scripts.ts_server import free_port
+from scripts.deploy import gateway, k8s
+from scripts.drills import rehearsal_drills
+from scripts.serving import manage, pod_config
+from models.catalog import MODEL_STORE, ROOT, parse_config_properties
+from scripts.deploy.gateway import GatewayError
+from scripts.serving.pod_config import PodConfigError
+from scripts.drills.rehearsal import LIGHT_MODELS, Rehearsal, RehearsalError, haproxy_binary
+from scripts.serving.ts_server import free_port
 
 LIGHT = "digits.mar,digits_v2.0.mar,diabetes.mar"
 
@@ -116,18 +118,18 @@ def test_pod_config_refuses_what_the_pod_cannot_serve(catalog, env, message):
 def test_pod_config_command_line(tmp_path):
     out = tmp_path / "conf" / "config.properties"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
-    done = subprocess.run([sys.executable, "-m", "scripts.pod_config", "render", "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "scripts.serving.pod_config", "render", "--out", str(out)],
                           cwd=ROOT, env={**env, "TS_LOAD_MODELS": LIGHT}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == os.path.abspath(MODEL_STORE)
     assert parse_config_properties(out.read_text())["load_models"] == LIGHT
-    done = subprocess.run([sys.executable, "-m", "scripts.pod_config", "render", "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "scripts.serving.pod_config", "render", "--out", str(out)],
                           cwd=ROOT, env={**env, "TS_LOAD_MODELS": "x.mar"}, capture_output=True, text=True)
     assert done.returncode == 1 and "TS_LOAD_MODELS" in done.stderr
 
 
 class FakeManagement:
-    """What scripts.manage reads from TorchServe's management API, scripted: versions appear after
+    """What scripts.serving.manage reads from TorchServe's management API, scripted: versions appear after
     a few polls; TorchServe chose 2.0 as the default."""
 
     def __init__(self, appear_after=3):
@@ -319,7 +321,7 @@ def test_new_key_files_are_private(tmp_path):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     key = gateway.read_key(key_path)
     assert open(digests_path).read() == gateway.key_digest(key) + "\n"
-    assert subprocess.run([sys.executable, "-m", "scripts.gateway", "digest", key_path], cwd=ROOT,
+    assert subprocess.run([sys.executable, "-m", "scripts.deploy.gateway", "digest", key_path], cwd=ROOT,
                           capture_output=True, text=True).stdout.strip() == gateway.key_digest(key)
 
 
@@ -417,7 +419,7 @@ def test_check_option_sees_a_stale_cluster_config(catalog, monkeypatch, tmp_path
     stale.write_text(gateway.render_cluster_config(catalog).replace("fall 2", "fall 3"))
     monkeypatch.setattr(gateway, "OUT", str(stale))
     assert gateway.main(["--check"]) == 1
-    assert "run `python -m scripts.gateway`" in capsys.readouterr().err
+    assert "run `python -m scripts.deploy.gateway`" in capsys.readouterr().err
 
 
 # -- HAProxy itself, in front of a stand-in backend ------------------------------------------------

@@ -1,4 +1,4 @@
-"""The gRPC client (scripts/grpc_client.py) against a real TorchServe on free 127.0.0.1 ports, and
+"""The gRPC client (scripts/serving/grpc_client.py) against a real TorchServe on free 127.0.0.1 ports, and
 the project's protos against the descriptors compiled into TorchServe's own frontend."""
 import dataclasses
 import json
@@ -13,9 +13,10 @@ import pytest
 from google.protobuf import descriptor_pb2, empty_pb2
 from google.protobuf.message import DecodeError
 
-from scripts import grpc_client, grpc_stubs
-from scripts.catalog import parse_config_properties
-from scripts.ts_server import TorchServe
+from scripts.serving import grpc_client
+from scripts.build import grpc_stubs
+from models.catalog import parse_config_properties
+from scripts.serving.ts_server import TorchServe
 from tests.answers import assert_answers_close
 
 # Test-only archive: a handler that streams each word of the request as its own answer.
@@ -192,7 +193,7 @@ def test_stubs_regenerate_into_a_folder_only_when_a_proto_changes(tmp_path):
     assert all(os.stat(f).st_mtime_ns > stamps[f] for f in files)
     assert not [n for n in os.listdir(out) if n.startswith(".staging")]
     imported = subprocess.run(  # a fresh process: the modules import from the folder alone
-        [sys.executable, "-c", "import sys; from scripts import grpc_stubs; "
+        [sys.executable, "-c", "import sys; from scripts.build import grpc_stubs; "
          "s = grpc_stubs.import_stubs(sys.argv[1]); i, m = s.inference_pb2_grpc, s.management_pb2_grpc; "
          "print(i.InferenceAPIsServiceStub.__name__, m.ManagementAPIsServiceStub.__name__, "
          "i.inference__pb2 is s.inference_pb2 and m.management__pb2 is s.management_pb2, "

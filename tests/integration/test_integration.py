@@ -10,7 +10,7 @@ import pytest
 import requests
 from PIL import Image
 
-from scripts.catalog import load_catalog
+from models.catalog import load_catalog
 from tests.answers import assert_answers_close
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""KServe deployment on the project's own runtime (scripts/kserve.py): the ClusterServingRuntime
+"""KServe deployment on the project's own runtime (scripts/deploy/kserve.py): the ClusterServingRuntime
 and the InferenceServices that name it, checked against the kserve SDK's models and KServe's
 Standard-mode rules; the model repository layout and its config.properties; the capacity
 arithmetic and the committed capacity sheet; the runtime's command in the container
@@ -20,9 +20,9 @@ import pytest
 import requests
 import yaml
 
-from scripts import k8s, kserve
-from scripts.catalog import ROOT, Catalog, models_property, parse_config_properties
-from scripts.kserve import DeployError
+from scripts.deploy import kserve, pods
+from models.catalog import ROOT, Catalog, models_property, parse_config_properties
+from scripts.deploy.kserve import DeployError
 
 STORAGE_URI = "gs://bucket/models/image-models"
 # KServe's built-in TorchServe runtime and its image, being removed: named nowhere (spelled in
@@ -181,22 +181,22 @@ def test_runtime_runs_the_projects_serving_image_as_its_pods_do(deployment):
     runtime = load_manifest(deployment[1], "runtime")
     (container,) = runtime["spec"]["containers"]
     assert container["name"] == "kserve-container"          # KServe mounts the storage into it
-    assert container["image"] == k8s.IMAGE                   # one constant for both ways onto a cluster
+    assert container["image"] == pods.IMAGE                   # one constant for both ways onto a cluster
     assert container["command"] + container["args"] == [
-        "python3", "-m", "scripts.kserve", "--serve-runtime", "/mnt/models/config/config.properties",
+        "python3", "-m", "scripts.deploy.kserve", "--serve-runtime", "/mnt/models/config/config.properties",
         "--http-port", "8080"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["TS_SERVICE_ENVELOPE"] == "kserve"
-    assert (env["TMPDIR"], env["LOG_LOCATION"]) == (k8s.TMP_DIR, k8s.LOG_DIR)
+    assert (env["TMPDIR"], env["LOG_LOCATION"]) == (pods.TMP_DIR, pods.LOG_DIR)
     assert container["ports"] == [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]
     security = container["securityContext"]
-    assert security["runAsNonRoot"] is True and security["runAsUser"] == security["runAsGroup"] == k8s.RUN_AS
+    assert security["runAsNonRoot"] is True and security["runAsUser"] == security["runAsGroup"] == pods.RUN_AS
     assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}
-    # what TorchServe writes goes to the two emptyDirs, as in scripts/k8s.py's pods
+    # what TorchServe writes goes to the two emptyDirs, as in scripts/deploy/k8s.py's pods
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v["emptyDir"]["sizeLimit"] for v in runtime["spec"]["volumes"]}
-    assert sorted(mounts.values()) == sorted([k8s.TMP_DIR, k8s.LOG_DIR]) and set(volumes) == set(mounts)
+    assert sorted(mounts.values()) == sorted([pods.TMP_DIR, pods.LOG_DIR]) and set(volumes) == set(mounts)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/", "port": 8080}
     assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] \
@@ -282,7 +282,7 @@ def test_manifests_on_disk_are_valid_inference_services(deployment, catalog):
         assert predictor.scale_metric in ("cpu", "memory")  # the HPA's metrics; concurrency is Knative's
         assert predictor.timeout == max(m.serving["responseTimeout"] for m in served)
         assert predictor.termination_grace_period_seconds == \
-            k8s.DRAIN_SLEEP_S + max(m.serving["responseTimeout"] for m in served) + k8s.STOP_MARGIN_S
+            pods.DRAIN_SLEEP_S + max(m.serving["responseTimeout"] for m in served) + pods.STOP_MARGIN_S
         assert manifest["spec"]["predictor"]["deploymentStrategy"] == {
             "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
         model = predictor.model
@@ -304,7 +304,7 @@ def test_the_retired_builtin_runtime_is_named_nowhere(deployment, catalog, model
     generated = [p for folder in (out, str(tmp_path)) for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
                  if p.endswith((".yaml", ".properties", ".md"))]
     assert len([p for p in generated if p.endswith(".yaml")]) >= 7  # runtime, cpu, gpu, twice; canary
-    sources = [os.path.join(ROOT, "models", "catalog.yaml"), *glob.glob(os.path.join(ROOT, "scripts", "*.py")),
+    sources = [os.path.join(ROOT, "models", "catalog.yaml"), *glob.glob(os.path.join(ROOT, "scripts", "**", "*.py"), recursive=True),
                *glob.glob(os.path.join(ROOT, "tests", "**", "*.py"), recursive=True), *glob.glob(os.path.join(ROOT, "deploy", "**", "*"),
                                                                        recursive=True),
                kserve.RECORDED_BENCH, kserve.CAPACITY_DOC]
@@ -433,7 +433,7 @@ def test_manifests_are_written_without_yaml_aliases(deployment):
         with open(deployment[1][kind], encoding="utf-8") as f:
             text = f.read()
         assert "&id" not in text and "*id" not in text
-        assert text.startswith("# Generated by `python -m scripts.kserve`")
+        assert text.startswith("# Generated by `python -m scripts.deploy.kserve`")
 
 
 # -- capacity --------------------------------------------------------------------------------------
@@ -479,7 +479,7 @@ def test_upload_commands_follow_the_storage_uri():
 
 
 def bench_result(catalog) -> dict:
-    """A `make bench` result as scripts/bench.py writes it (the fields the recording reads, and
+    """A `make bench` result as scripts/bench/report.py writes it (the fields the recording reads, and
     others it must leave out)."""
     lite = catalog.model("efficientnet_lite0")
     served = {"title": "t", "unit": "img", "throughput_items_s": 48.0, "throughput_img_s": 48.0, "p50_ms": 323.1,
@@ -551,11 +551,11 @@ def test_a_failed_row_gives_no_throughput(catalog):
 
 def test_committed_capacity_sheet_is_what_the_tool_writes_from_the_recorded_results(catalog):
     """docs/deployment-k8s.md's sheet comes from docs/results/bench.json: re-record after a new
-    `make bench` (python -m scripts.kserve --record-bench build/bench/latest.json)."""
+    `make bench` (python -m scripts.deploy.kserve --record-bench build/bench/latest.json)."""
     recorded = kserve.load_bench(kserve.RECORDED_BENCH)
     assert recorded == kserve.recorded_figures(recorded, recorded["recorded_from"])  # only what it copies
     block = kserve.committed_capacity_block()
-    assert block == kserve.capacity_block(catalog), "run python -m scripts.kserve --record-bench docs/results/bench.json"
+    assert block == kserve.capacity_block(catalog), "run python -m scripts.deploy.kserve --record-bench docs/results/bench.json"
     measured = kserve.served_throughputs(recorded, kserve.served_entries(catalog))
     assert "efficientnet_lite0" in measured and measured["efficientnet_lite0"] > 0
 
@@ -595,7 +595,7 @@ def stand_in(tmp_path, body: str) -> dict:
 
 
 def serve(env: dict, config: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scripts.kserve", *kserve.runtime_args(config, 1)],
+    return subprocess.run([sys.executable, "-m", "scripts.deploy.kserve", *kserve.runtime_args(config, 1)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 

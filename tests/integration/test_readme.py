@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from scripts.catalog import ROOT
-from scripts.serve import project_server
+from models.catalog import ROOT
+from scripts.serving.serve import project_server
 
 pytestmark = pytest.mark.integration
 README = os.path.join(ROOT, "README.md")
@@ -44,7 +44,7 @@ def test_readme_quick_start_works():
         pytest.skip("port 8080 is held by another program")
     commands = readme_commands()
     curl = next(c for c in commands if c.startswith("curl "))
-    client = next(c for c in commands if "scripts.client" in c)
+    client = next(c for c in commands if "scripts.serving.client" in c)
     try:
         first = run("make serve")
         assert first.returncode == 0, first.stdout + first.stderr
@@ -77,7 +77,7 @@ def test_readme_quick_start_works():
         answer = json.loads(prediction.stdout)
         assert len(answer["predictions"]) == 1 and 25 <= answer["predictions"][0] <= 346
 
-        listing = run(next(c for c in commands if "scripts.manage list" in c), 120)
+        listing = run(next(c for c in commands if "scripts.serving.manage list" in c), 120)
         assert listing.returncode == 0, listing.stdout + listing.stderr
         rows = [line.split() for line in listing.stdout.splitlines()]
         assert ["digits", "1.0", "*"] in [row[:3] for row in rows]  # the catalog's default, after start

@@ -1,10 +1,10 @@
-"""A short soak (scripts/soak.py) on a TorchServe of its own: concurrency 32, good and bad inputs
+"""A short soak (scripts/drills/soak.py) on a TorchServe of its own: concurrency 32, good and bad inputs
 mixed across every served model. Nothing unexpected may come back, no worker may restart, and no
 worker's resident memory may grow by 10% or more after the warm-up."""
 import pytest
 
-from scripts import soak
-from scripts.catalog import load_catalog
+from scripts.drills import soak
+from models.catalog import load_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +17,7 @@ CONCURRENCY = 32
 def report(model_store, torchserve_factory):
     catalog = load_catalog()
     models = soak.soak_models(catalog, None)
-    # as `python -m scripts.soak --start` serves them: each model's default version, catalog settings
+    # as `python -m scripts.drills.soak --start` serves them: each model's default version, catalog settings
     with torchserve_factory.start("ts-soak", models=models, catalog=catalog, store=model_store,
                                   ready_timeout=600) as server:
         result = soak.run_soak(server.client, soak.request_mix(models, catalog), MEASURED_S, CONCURRENCY, WARMUP_S)

@@ -1,4 +1,4 @@
-"""`make tune` (scripts/tune.py, scripts/tuned_profile.py) and `make serve`'s use of its profile:
+"""`make tune` (scripts/bench/tune.py, scripts/serving/tuned_profile.py) and `make serve`'s use of its profile:
 the selection on synthetic measurements, the candidates (never a missing, modified, stale or
 refused archive), the profile's key, the tuned archive copies and configuration, serve's choice of
 configuration; and one real quick tune of diabetes against a real TorchServe, whose profile is then
@@ -12,9 +12,11 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from scripts import bench, loadgen, serve, tune
-from scripts import tuned_profile as tp
-from scripts.catalog import (CONFIG_PROPERTIES_PATH, Catalog, CatalogError, load_catalog,
+from scripts.bench import measure
+from scripts.bench import loadgen, tune
+from scripts.serving import serve
+from scripts.serving import tuned_profile as tp
+from models.catalog import (CONFIG_PROPERTIES_PATH, Catalog, CatalogError, load_catalog,
                              parse_config_properties)
 
 FACTS = {"cpu_capability": "AVX512", "cores": 2, "gpu": "none", "torch": "2.14.1+cu130"}
@@ -97,6 +99,11 @@ def test_a_catalog_budget_is_validated_naming_the_key(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(broken))
     with pytest.raises(CatalogError, match="tuning: unknown key 'latency_budget'"):
         load_catalog(str(tmp_path / "c.yaml"))
+    for goal in (0, 1.5, True, "most"):
+        broken["models"][1]["tuning"] = {"latency_budget_ms": 50, "served_goal": goal}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(broken))
+        with pytest.raises(CatalogError, match=r"models\[1\].tuning.served_goal must be a share in \(0, 1\]"):
+            load_catalog(str(tmp_path / "c.yaml"))
 
 
 # -- candidates ----------------------------------------------------------------------------------
@@ -169,7 +176,7 @@ class _FakeTuner:
 
 
 def _measurement(setting, concurrency, rate):
-    m = bench.Measurement("fake", items=int(rate), seconds=1.0, unit="img",
+    m = measure.Measurement("fake", items=int(rate), seconds=1.0, unit="img",
                           latency_percentiles_ms={"p50": 2.0, "p99": 4.0 + setting.batch_size})
     m.settings = {"batch_size": setting.batch_size, "max_batch_delay_ms": setting.max_batch_delay_ms,
                   "workers": setting.workers}
@@ -302,7 +309,7 @@ def test_a_quick_tune_writes_a_profile_that_torchserve_then_serves(catalog, mode
         loadgen.find_wrk()
     except loadgen.LoadgenMissing as exc:
         pytest.skip(f"no load generator here: {exc}")
-    from scripts.ts_server import TorchServe, local_addresses
+    from scripts.serving.ts_server import TorchServe, local_addresses
     monkeypatch.setattr(tune, "QUICK", replace(tune.QUICK, batch_sizes=(4,), latency_archives=1))
     out = tmp_path / "tuned"
     code = tune.main(["--quick", "--models", "diabetes", "--seconds", "1", "--warmup", "0.3", "--out", str(out)])
@@ -334,7 +341,7 @@ def test_a_quick_tune_writes_a_profile_that_torchserve_then_serves(catalog, mode
     server.start()
     try:
         server.client.wait_ready(["diabetes/1.0", "digits/1.0", "digits/2.0"], 180)
-        from scripts.manage import default_version, enforce_default_versions
+        from scripts.serving.manage import default_version, enforce_default_versions
         enforce_default_versions(server.client, two.default_versions())
         assert default_version(server.client, "digits") == "1.0"
         (v1,) = server.client.describe("digits", "1.0")
@@ -348,7 +355,7 @@ def test_a_quick_tune_writes_a_profile_that_torchserve_then_serves(catalog, mode
         (custom,) = server.client.describe("diabetes", customized=True)
         meta = custom["customizedMetadata"]["meta"]
         assert meta["tuned"]["threads"] == 1 and meta["tuned"]["source"] == picked["diabetes"].entry.mar_name
-        body = next(iter(bench.load_diabetes_rows().values()))
+        body = next(iter(measure.load_diabetes_rows().values()))
         answer = server.client.predict_raw("diabetes", body, content_type="application/json")
         assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1
     finally:

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from scripts import ab_compare, manage
-from scripts.catalog import ROOT
-from scripts.ts_client import TorchServeError
+from scripts.serving import ab_compare, manage
+from models.catalog import ROOT
+from scripts.serving.ts_client import TorchServeError
 from tests.answers import answers_close
 
 TRAFFIC_THREADS = 3
@@ -174,7 +174,7 @@ def test_rollback_without_history_says_so(server, v2_archive, history):
 
 
 def run_cli(server, *args):
-    command = [sys.executable, "-m", "scripts.manage", "--inference-url", server.inference_url,
+    command = [sys.executable, "-m", "scripts.serving.manage", "--inference-url", server.inference_url,
                "--management-url", server.management_url, "--home", server.cwd, *args]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
 

@@ -9,7 +9,7 @@ import zipfile
 
 import yaml
 
-from scripts.catalog import CONFIG_PROPERTIES_PATH, METRICS_CONFIG_PATH, ROOT, SERVING_KEYS, parse_config_properties, render_config_properties
+from models.catalog import CONFIG_PROPERTIES_PATH, METRICS_CONFIG_PATH, ROOT, SERVING_KEYS, parse_config_properties, render_config_properties
 
 
 def read_archive(path: str, name: str) -> bytes:
@@ -25,7 +25,7 @@ def test_config_properties_is_generated_from_the_catalog(catalog):
     assert f"{ROOT}/{parse_config_properties(open(CONFIG_PROPERTIES_PATH).read())['metrics_config']}" == METRICS_CONFIG_PATH
     declared = {m["name"] for kind in metrics["model_metrics"].values() for m in kind}
     assert {"HandlerInferenceMilliseconds", "HandlerRejectedInputs", "PredictionTime"} <= declared
-    assert subprocess.run([sys.executable, "-m", "scripts.render_config", "--check"], cwd=ROOT).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "scripts.build.render_config", "--check"], cwd=ROOT).returncode == 0
 
 
 def test_config_properties_keeps_security_defaults():
@@ -90,7 +90,7 @@ def test_versions_of_one_model_are_served_side_by_side(catalog):
 
 
 def test_catalog_errors_name_the_key(tmp_path):
-    from scripts.catalog import CatalogError, load_catalog
+    from models.catalog import CatalogError, load_catalog
     with open(os.path.join(ROOT, "models", "catalog.yaml")) as f:
         raw = yaml.safe_load(f)
     cases = [(lambda m: m.update(family="audio"), "family 'audio' must be one of image, text, tabular"),
@@ -124,7 +124,7 @@ def test_recorded_hashes_match_the_archives(catalog, model_store):
 
 def test_rebuild_from_scratch_is_byte_identical(model_store, tmp_path):
     """Retrain the digits model (fresh weights, not the cache) and archive it again elsewhere."""
-    subprocess.run([sys.executable, "-m", "scripts.build_archives", "--only", "digits",
+    subprocess.run([sys.executable, "-m", "scripts.build.build_archives", "--only", "digits",
                     "--force-weights", "--export-path", str(tmp_path)], cwd=ROOT, check=True,
                    capture_output=True)
     rebuilt = open(tmp_path / "digits.mar", "rb").read()

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from models.families import FAMILIES, SAMPLES, Family, family_of, resolve, samples_of
+from models.families import FAMILIES, SAMPLES, Family, family_of, metric_named, resolve, samples_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DECLARATION = os.path.join("models", "families.py")
@@ -42,6 +42,17 @@ def test_a_family_declares_every_part(name):
             assert callable(resolve(metric.data)), metric
         if family.variants == "runtime":
             assert metric.figures and callable(resolve(metric.figures)), metric
+        rules = resolve(metric.rules)  # its gate and how its figures read
+        assert callable(rules.gate) and callable(rules.cell) and rules.header, metric
+
+
+def test_fidelity_metric_names_are_unique_and_each_finds_its_gate():
+    names = [m.name for f in FAMILIES.values() for m in f.metrics]
+    assert len(names) == len(set(names))
+    for name in names:
+        assert metric_named(name).name == name
+    with pytest.raises(ValueError, match="one of accuracy, agreement, embedding, regression"):
+        metric_named("psnr")
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
@@ -105,7 +116,7 @@ def test_declared_limit_defaults_are_the_handlers(catalog):
 
 
 def test_fidelity_accuracy_measures_the_models_own_labelled_samples(catalog):
-    from scripts.build_archives import evaluation_data
+    from scripts.build.build_archives import evaluation_data
     digits = next(e for e in bases(catalog) if e.fidelity["metric"] == "accuracy")
     inputs, labels = evaluation_data(digits)
     assert labels is not None and len(labels) == len(inputs) > 100
@@ -115,7 +126,8 @@ def test_fidelity_accuracy_measures_the_models_own_labelled_samples(catalog):
 # The patterns of issue 11's grep; a family name as a mapping key is also a container's "image"
 # (Kubernetes), a Grafana variable's "text", or a JSON body a test case sends.
 PATTERNS = re.compile(r'family ==|family !=|"image":|"text":|"tabular":|== "digits"|== "minilm"'
-                      r'|== "diabetes"|efficientnet_lite0"')
+                      r'|== "diabetes"|efficientnet_lite0"'
+                      r'|== "(accuracy|agreement|embedding|regression)"')  # fidelity metrics: Metric.gate
 NOT_A_FAMILY = re.compile(r'"image": (image|"busybox)|"text": \["All"\]|b\'\{"text": "hello"\}\'|"tf_efficientnet_lite0"')
 
 
@@ -140,7 +152,7 @@ def test_no_module_outside_the_declaration_branches_on_a_family_or_model_name(ca
 def test_a_catalog_entry_without_a_handler_gets_its_familys(tmp_path):
     import yaml
 
-    from scripts.catalog import CATALOG_PATH, load_catalog
+    from models.catalog import CATALOG_PATH, load_catalog
     with open(CATALOG_PATH, encoding="utf-8") as f:
         raw = yaml.safe_load(f)
     for model in raw["models"]:

@@ -1,4 +1,4 @@
-"""Plain Kubernetes manifests (scripts/k8s.py): generated from the catalog, committed under
+"""Plain Kubernetes manifests (scripts/deploy/k8s.py): generated from the catalog, committed under
 deploy/k8s/ exactly as generated, each checked against the Kubernetes API schema of the named
 version (the kubernetes client's models), with the project's rules; broken manifests are refused
 with a message naming the problem. No cluster is needed."""
@@ -15,9 +15,9 @@ import kubernetes
 import pytest
 import yaml
 
-from scripts import k8s
-from scripts.catalog import ROOT
-from scripts.k8s import ManifestError
+from scripts.deploy import k8s, k8s_checks, pods
+from models.catalog import ROOT
+from scripts.deploy.k8s import ManifestError
 
 FILES = list(k8s.BUILDERS)
 MODELS = {"deployment.yaml": "V1Deployment", "service.yaml": "V1Service",
@@ -44,11 +44,11 @@ def container_of(deployment: dict) -> dict:
 
 def test_the_checks_name_the_kubernetes_version_of_the_client():
     major = int(kubernetes.__version__.split(".")[0])
-    assert k8s.KUBERNETES_VERSION == f"1.{major}"
+    assert pods.KUBERNETES_VERSION == f"1.{major}"
     report = kubernetes.client.Configuration().to_debug_report()
-    assert f"release-{k8s.KUBERNETES_VERSION}" in report
+    assert f"release-{pods.KUBERNETES_VERSION}" in report
     with open(os.path.join(ROOT, "docs", "deployment-k8s.md"), encoding="utf-8") as f:
-        assert f"Kubernetes {k8s.KUBERNETES_VERSION}" in f.read()
+        assert f"Kubernetes {pods.KUBERNETES_VERSION}" in f.read()
 
 
 # -- generated, never hand-edited ---------------------------------------------------------------
@@ -59,7 +59,7 @@ def test_generation_is_deterministic(catalog):
 
 def test_committed_files_are_what_the_tool_writes(catalog, tmp_path):
     assert sorted(n for n in os.listdir(k8s.OUT) if n.endswith((".yaml", ".yml"))) == sorted(FILES)
-    assert k8s.stale(k8s.OUT, catalog) == [], "run `python -m scripts.k8s`"
+    assert k8s.stale(k8s.OUT, catalog) == [], "run `python -m scripts.deploy.k8s`"
     assert k8s.main(["--out", str(tmp_path)]) == 0
     for name in FILES:
         with open(os.path.join(k8s.OUT, name), encoding="utf-8") as a, open(tmp_path / name, encoding="utf-8") as b:
@@ -82,18 +82,18 @@ def test_check_option_finds_a_hand_edit(catalog, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", FILES)
 def test_each_manifest_is_a_valid_object_of_its_kind(docs, catalog, name):
-    obj = k8s.check_manifest(docs[name], catalog)
+    obj = k8s_checks.check_manifest(docs[name], catalog)
     assert type(obj).__name__ == MODELS[name]
     assert obj.metadata.name == catalog.deploy["name"]
 
 
 def test_the_manifests_agree(docs, catalog):
-    k8s.check_manifests(list(docs.values()), catalog)
+    k8s_checks.check_manifests(list(docs.values()), catalog)
     labels = {json.dumps(d["metadata"]["labels"], sort_keys=True) for d in docs.values()}
     assert len(labels) == 1
     (common,) = [json.loads(x) for x in labels]
     assert common["app.kubernetes.io/name"] == common["app.kubernetes.io/part-of"] == catalog.deploy["name"]
-    assert common["app.kubernetes.io/version"] == k8s.IMAGE.rsplit(":", 1)[1]
+    assert common["app.kubernetes.io/version"] == pods.IMAGE.rsplit(":", 1)[1]
     assert docs["deployment.yaml"]["spec"]["template"]["metadata"]["labels"] == common
 
 
@@ -172,7 +172,7 @@ def test_a_broken_manifest_is_refused_naming_the_problem(docs, catalog, what, na
     doc = copy.deepcopy(docs[name])
     change(doc)
     with pytest.raises(ManifestError, match=message):
-        k8s.check_manifest(doc, catalog)
+        k8s_checks.check_manifest(doc, catalog)
 
 
 @pytest.mark.parametrize("name, change, message", [
@@ -187,7 +187,7 @@ def test_manifests_that_disagree_are_refused(docs, catalog, name, change, messag
     broken = copy.deepcopy(docs)
     change(broken[name])
     with pytest.raises(ManifestError, match=message):
-        k8s.check_manifests(list(broken.values()), catalog)
+        k8s_checks.check_manifests(list(broken.values()), catalog)
 
 
 def test_nothing_is_written_when_a_manifest_is_refused(catalog, tmp_path, monkeypatch):
@@ -203,10 +203,10 @@ def test_deployment_follows_the_catalog(docs, catalog):
     deployment = docs["deployment.yaml"]
     pod = deployment["spec"]["template"]["spec"]
     container = container_of(deployment)
-    ports = k8s.server_ports(catalog.server)
+    ports = pods.server_ports(catalog.server)
     assert ports == {"inference": 8080, "management": 8081, "metrics": 8082, "grpc": 7070}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == ports
-    assert container["image"] == k8s.IMAGE and container["command"] == ["scripts/entrypoint.sh"]
+    assert container["image"] == pods.IMAGE and container["command"] == ["scripts/entrypoint.sh"]
     assert container["resources"] == catalog.deploy["cpu"]["resources"]
     assert "replicas" not in deployment["spec"]  # the autoscaler owns it
     # probes: liveness and startup on /ping of the inference port; readiness asks the management
@@ -223,17 +223,17 @@ def test_deployment_follows_the_catalog(docs, catalog):
     assert spec["models"]["digits"] == {"1.0": 1, "2.0": 1}
     # stop: drain, then stop TorchServe; the grace period outlasts the longest responseTimeout
     assert container["lifecycle"]["preStop"]["exec"]["command"] == [
-        "/bin/sh", "-c", f"sleep {k8s.DRAIN_SLEEP_S}; torchserve --stop --foreground"]
+        "/bin/sh", "-c", f"sleep {pods.DRAIN_SLEEP_S}; torchserve --stop --foreground"]
     longest = max(m.serving["responseTimeout"] for m in catalog.models)
     assert longest == 120
-    assert pod["terminationGracePeriodSeconds"] == k8s.DRAIN_SLEEP_S + longest + k8s.STOP_MARGIN_S > longest
+    assert pod["terminationGracePeriodSeconds"] == pods.DRAIN_SLEEP_S + longest + pods.STOP_MARGIN_S > longest
     # non-root, read-only root filesystem with writable emptyDirs, nothing to escalate with
-    assert container["securityContext"] == {"runAsNonRoot": True, "runAsUser": k8s.RUN_AS, "runAsGroup": k8s.RUN_AS,
+    assert container["securityContext"] == {"runAsNonRoot": True, "runAsUser": pods.RUN_AS, "runAsGroup": pods.RUN_AS,
                                             "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                             "capabilities": {"drop": ["ALL"]}}
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert mounts == {k8s.TMP_DIR: "tmp", k8s.LOG_DIR: "logs"}
+    assert mounts == {pods.TMP_DIR: "tmp", pods.LOG_DIR: "logs"}
     assert {v["name"] for v in pod["volumes"] if "emptyDir" in v} == {"tmp", "logs"}
     # in the pod: token authorization and the model API off, management on loopback only
     env = {e["name"]: e["value"] for e in container["env"]}
@@ -241,7 +241,7 @@ def test_deployment_follows_the_catalog(docs, catalog):
     assert env["TS_MANAGEMENT_ADDRESS"] == f"http://127.0.0.1:{ports['management']}"
     assert env["TS_GRPC_MANAGEMENT_ADDRESS"] == "127.0.0.1"
     assert env["TS_INFERENCE_ADDRESS"] == f"http://0.0.0.0:{ports['inference']}"
-    assert env["LOG_LOCATION"] == k8s.LOG_DIR and env["TMPDIR"] == k8s.TMP_DIR
+    assert env["LOG_LOCATION"] == pods.LOG_DIR and env["TMPDIR"] == pods.TMP_DIR
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(ports["metrics"]),
                            "prometheus.io/path": "/metrics"}
@@ -257,7 +257,7 @@ def test_autoscaler_follows_the_catalog(docs, catalog):
 
 
 def test_service_budget_and_network_policy(docs, catalog):
-    ports = k8s.server_ports(catalog.server)
+    ports = pods.server_ports(catalog.server)
     service = docs["service.yaml"]["spec"]
     assert service["type"] == "ClusterIP"
     assert {(p["port"], p["targetPort"]) for p in service["ports"]} == {(ports["inference"], "inference"),
@@ -288,12 +288,12 @@ def test_catalog_changes_reach_the_manifests(catalog):
             for m in catalog.models]
     changed = replace(catalog, deploy=deploy, models=slow)
     docs = k8s.manifests(changed, image="registry.example/ts:1.2.3")
-    k8s.check_manifests(list(docs.values()), changed)
+    k8s_checks.check_manifests(list(docs.values()), changed)
     hpa = docs["horizontalpodautoscaler.yaml"]["spec"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 5)
     assert hpa["metrics"][0]["resource"]["target"]["averageUtilization"] == 60
     pod = docs["deployment.yaml"]["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] == k8s.DRAIN_SLEEP_S + 300 + k8s.STOP_MARGIN_S
+    assert pod["terminationGracePeriodSeconds"] == pods.DRAIN_SLEEP_S + 300 + pods.STOP_MARGIN_S
     assert pod["containers"][0]["image"] == "registry.example/ts:1.2.3"
     assert docs["service.yaml"]["metadata"]["labels"]["app.kubernetes.io/version"] == "1.2.3"
     deploy["cpu"]["scale_metric"] = "concurrency"
@@ -304,7 +304,7 @@ def test_catalog_changes_reach_the_manifests(catalog):
 # -- the readiness check, run as the kubelet runs it --------------------------------------------
 
 class FakeManagement(http.server.BaseHTTPRequestHandler):
-    """TorchServe's describe answer (GET /models/<name>/<version>), as scripts/ts_client.py reads it."""
+    """TorchServe's describe answer (GET /models/<name>/<version>), as scripts/serving/ts_client.py reads it."""
     statuses = {}
 
     def do_GET(self):

@@ -6,8 +6,8 @@ import re
 import yaml
 
 from handler_kit.metrics import MODEL_METRICS
-from scripts import grafana_dashboard
-from scripts.catalog import METRICS_CONFIG_PATH
+from scripts.deploy import grafana_dashboard
+from models.catalog import METRICS_CONFIG_PATH
 
 # TorchServe adds Hostname to every backend (model) metric it exposes; metrics.yaml does not list it.
 BACKEND_ADDED_LABELS = {"Hostname"}
@@ -56,7 +56,7 @@ def panels_with_targets(dashboard):
 
 def test_the_committed_dashboard_is_generated_and_valid_json():
     with open(grafana_dashboard.DASHBOARD_PATH, encoding="utf-8") as f:
-        assert f.read() == grafana_dashboard.render(), "run `python -m scripts.grafana_dashboard`"
+        assert f.read() == grafana_dashboard.render(), "run `python -m scripts.deploy.grafana_dashboard`"
     dashboard = load_dashboard()
     assert dashboard["schemaVersion"] >= 39 and dashboard["uid"]
     ids = [p["id"] for p in dashboard["panels"]]

@@ -1,0 +1,1 @@
+"""README's and docs/'s generated tables, written from the recorded results under docs/results/."""
