@@ -37,7 +37,7 @@ def _row(target: str, goal: str, value: Optional[float], met: Optional[bool], de
 
 def _served(row: Optional[dict]) -> Optional[float]:
     served = (row or {}).get("served") or {}
-    return None if served.get("failure") else served.get("throughput")
+    return None if served.get("failure") else served.get("throughput_items_s")
 
 
 def _archive_rows(bench: dict, model: str) -> List[dict]:
@@ -46,7 +46,7 @@ def _archive_rows(bench: dict, model: str) -> List[dict]:
 
 def stock_ratio_rows(bench: dict, profile: Optional[dict]) -> List[dict]:
     """Tuned best served / stock image_classifier with (b)'s batching (d), >= 5x."""
-    stock = ((bench.get("variants") or {}).get("d") or {}).get("throughput")
+    stock = ((bench.get("variants") or {}).get("d") or {}).get("throughput_items_s")
     rows = _archive_rows(bench, FOUNDATION_MODEL)
     best = max(((_served(r), r["variant"]) for r in rows if _served(r)), default=(None, None))
     out = [_row("best served variant / stock (d), same run", ">= 5x",
@@ -74,8 +74,8 @@ def served_goal_rows(bench: dict, catalog) -> List[dict]:
         for row in rows:
             value = row.get("served_over_ceiling")
             unit = ((row.get("served") or {}).get("unit")) or "items"
-            bound = (row.get("in_process") or {}).get("throughput") if row.get("ceiling") == "in-process" else \
-                (bench.get("echo_ceiling") or {}).get("throughput")
+            bound = (row.get("in_process") or {}).get("throughput_items_s") if row.get("ceiling") == "in-process" \
+                else (bench.get("echo_ceiling") or {}).get("throughput_items_s")
             out.append(_row(f"{row['archive']}: served / min(echo, in-process)",
                             "-" if goal is None else f">= {goal:g}", value,
                             None if value is None or goal is None else value >= goal,

@@ -140,9 +140,12 @@ def tuned_latest() -> str:
     return tp.profile_path(tp.profile_key(tp.machine_facts()))[:-len(".json")] + ".md"
 
 
-def recorded_lines(path: str, source: str) -> List[str]:
+def recorded_lines(path: str, command: str, origin: str) -> List[str]:
+    if not os.path.isfile(path):
+        return [f"Not recorded yet: `python -m scripts.docs.readme_tables {command}` writes it."]
     with open(path, encoding="utf-8") as f:
-        return [f"Recorded by `python -m scripts.docs.readme_tables {source}`:", ""] + f.read().rstrip("\n").splitlines()
+        return [f"Recorded by `python -m scripts.docs.readme_tables {command}` from {origin}:", ""] \
+            + f.read().rstrip("\n").splitlines()
 
 
 def bench_lines(path: str = BENCH_RESULTS) -> List[str]:
@@ -198,11 +201,11 @@ def generated_blocks(results: Dict = None, bench_path: str = BENCH_RESULTS, sele
     return {FIDELITY_PAGE: [(START, END, fidelity_table(results))],
             BENCH_PAGE: [(BENCH_START, BENCH_END, bench_lines(bench_path)),
                          (SINGLE_START, SINGLE_END,
-                          recorded_lines(SINGLE_RESULTS, "record-bench from the same run's single_request.md"))],
+                          recorded_lines(SINGLE_RESULTS, "record-bench", "the same run's single_request.md"))],
             CASES_PAGE: [(CASES_START, CASES_END, case_tables(selected))],
-            TUNING_PAGE: [(TUNED_START, TUNED_END, recorded_lines(TUNED_RESULTS, "record-tune from `make tune`'s table"))],
+            TUNING_PAGE: [(TUNED_START, TUNED_END, recorded_lines(TUNED_RESULTS, "record-tune", "`make tune`'s table"))],
             README_PATH: [(TARGETS_START, TARGETS_END,
-                           recorded_lines(TARGETS_RESULTS, "record-bench from `make bench`'s targets.md"))]}
+                           recorded_lines(TARGETS_RESULTS, "record-bench", "`make bench`'s targets.md"))]}
 
 
 GENERATED_PAGES = (FIDELITY_PAGE, BENCH_PAGE, CASES_PAGE, TUNING_PAGE, README_PATH)

@@ -10,7 +10,7 @@ from scripts.bench import targets
 
 def _row(variant, archive, served, in_process, ceiling="in-process", over=None, unit="img"):
     return {"variant": variant, "archive": archive, "ceiling": ceiling,
-            "served": {"throughput": served, "unit": unit}, "in_process": {"throughput": in_process},
+            "served": {"throughput_items_s": served, "unit": unit}, "in_process": {"throughput_items_s": in_process},
             "served_over_ceiling": over if over is not None else round(served / in_process, 3)}
 
 
@@ -21,7 +21,7 @@ def catalog():
 
 def bench():
     return {"started": "2026-12-06T20:00:00+00:00", "machine": "test machine",
-            "variants": {"d": {"throughput": 30.0}}, "echo_ceiling": {"throughput": 6000.0},
+            "variants": {"d": {"throughput_items_s": 30.0}}, "echo_ceiling": {"throughput_items_s": 6000.0},
             "archive_variants": {
                 FOUNDATION_MODEL: [_row("fp32", f"{FOUNDATION_MODEL}.mar", 45.0, 48.0),
                                    _row("onnx", f"{FOUNDATION_MODEL}_onnx.mar", 160.0, 165.0)],
