@@ -55,13 +55,15 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from typing import Dict, List, Sequence
+
 import torch
+
 from models.catalog import FAMILIES, MODEL_STORE, Catalog, load_catalog
 from scripts.bench import loadgen
 from scripts.bench.in_process_rows import measure_in_process
-from scripts.bench.measure import attempt, INPUTS, ITEM_UNITS, log, Measurement, MODEL, RESULTS_DIR, ROOT
+from scripts.bench.measure import INPUTS, ITEM_UNITS, MODEL, RESULTS_DIR, ROOT, Measurement, attempt, log
 from scripts.bench.plan import ALL_VARIANTS, in_process_plan, plan_variant_tables, served_plan
-from scripts.bench.report import package_version, machine_description, markdown, ratios, variant_report, write_results
+from scripts.bench.report import machine_description, markdown, package_version, ratios, variant_report, write_results
 from scripts.bench.served import CLIENTS, echo_variant, run_served
 
 

@@ -26,12 +26,12 @@ from typing import Dict, List
 import torch
 import yaml
 
+from models.catalog import MODEL_STORE, load_catalog
 from models.families import FOUNDATION_MODEL
 from models.sample_data import photo_bytes
 from scripts.bench.in_process_rows import InProcessPipeline, extract_archive
 from scripts.bench.report import machine_description
 from scripts.build.in_process import importable
-from models.catalog import MODEL_STORE, load_catalog
 
 
 def log(message: str) -> None:

@@ -5,11 +5,14 @@ import shutil
 import time
 import zipfile
 from typing import Dict, Optional, Sequence
+
 import torch
 import yaml
+
 from models.catalog import MODEL_STORE, ModelEntry
+from scripts.bench.measure import (CONTENT_TYPES, IN_PROCESS, ITEM_UNITS, ForeignCpu, Measurement, answer_summary,
+                                   archive_stem, log, worker_value)
 from scripts.build.in_process import importable, load_service
-from scripts.bench.measure import CONTENT_TYPES, ForeignCpu, IN_PROCESS, ITEM_UNITS, Measurement, answer_summary, archive_stem, log, worker_value
 
 
 def extract_archive(mar_path: str, out_dir: str, names: Optional[Sequence[str]] = None) -> str:

@@ -5,22 +5,17 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
+
 import numpy as np
 import psutil
+
 from models import sample_data, sentences
-from models.families import FAMILIES as FAMILY_DECLARATIONS, FOUNDATION_MODEL, resolve, samples_of
-from models.catalog import ModelEntry, load_catalog
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/<role>/ -> the project
-
+from models.catalog import ROOT, ModelEntry, load_catalog
+from models.families import FAMILIES as FAMILY_DECLARATIONS
+from models.families import FOUNDATION_MODEL, resolve, samples_of
 
 MODEL = FOUNDATION_MODEL
-
-
 RESULTS_DIR = os.path.join(ROOT, "build", "bench")
-
-
 TITLES = {
     "a": "(a) in-process pipeline",
     "b": "(b) served, this project's handler",
@@ -28,24 +23,15 @@ TITLES = {
     "d": "(d) served, stock image_classifier, (b)'s batching",
 }
 
-
 # Other programs on the machine using more than this many cores make a measurement suspect.
 FOREIGN_CPU_WARNING = 0.25
-
-
 IN_PROCESS, SERVED = "in-process", "served"
-
 
 # What one item of each family is called in the tables (one request carries one item), and how
 # clients send it (the worker decodes the body by this, see worker_value): models/families.py.
 ITEM_UNITS = {name: f.item_unit for name, f in FAMILY_DECLARATIONS.items()}
-
-
 ITEM_NOUNS = {name: f.item_noun for name, f in FAMILY_DECLARATIONS.items()}
-
-
 CONTENT_TYPES = {name: f.content_type for name, f in FAMILY_DECLARATIONS.items()}
-
 
 # The echo ceiling: a handler that answers a constant (scripts/bench/echo_handler.py), no model file,
 # registered with the light models' batching (digits and diabetes in the catalog: batch 8, 5 ms,

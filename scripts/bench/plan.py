@@ -1,13 +1,12 @@
 """Which rows a `make bench` run measures: the foundation (a)-(d) and one variants table per model."""
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
+
 from models.catalog import Catalog, ModelEntry
-from scripts.bench.measure import archive_stem, CONTENT_TYPES, IN_PROCESS, INPUTS, ITEM_UNITS, log, MODEL, SERVED
+from scripts.bench.measure import CONTENT_TYPES, IN_PROCESS, INPUTS, ITEM_UNITS, MODEL, SERVED, archive_stem, log
 from scripts.bench.served import ServedVariant, catalog_registration, foundation_served
 
-
 ALL_VARIANTS = ("a", "b", "c", "d")
-
 
 # The fp32 EfficientNet-Lite0 row of the variants table is the foundation's (a) and (b): same archive,
 # same pipeline, same serving settings. It is measured once and shown in both tables.

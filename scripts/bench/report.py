@@ -4,15 +4,17 @@ import json
 import os
 import platform
 from typing import Dict, List, Optional, Sequence
+
 from handler_kit import runtime
 from handler_kit.image_config import parse_image_classifier
-from models.families import FAMILIES as FAMILY_DECLARATIONS, resolve
 from models.catalog import MODEL_STORE, ModelEntry
+from models.families import FAMILIES as FAMILY_DECLARATIONS
+from models.families import resolve
 from scripts.bench.in_process_rows import read_model_config
-from scripts.bench.measure import ECHO_KEY, ECHO_MODEL, fmt_number, FOREIGN_CPU_WARNING, ITEM_NOUNS, Measurement, RESULTS_DIR, rounded, TITLES
+from scripts.bench.measure import (ECHO_KEY, ECHO_MODEL, FOREIGN_CPU_WARNING, ITEM_NOUNS, RESULTS_DIR, TITLES,
+                                   Measurement, fmt_number, rounded)
 from scripts.bench.plan import ALL_VARIANTS, VariantTable
 from scripts.build.fidelity import rules_of
-
 
 # (numerator, denominator) -> the lowest acceptable throughput ratio, None where there is none.
 RATIO_TARGETS = {("b", "a"): 0.85, ("b", "d"): 1.2, ("b", "c"): None}

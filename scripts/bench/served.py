@@ -11,15 +11,17 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
+
 import psutil
 import requests
+
 from handler_kit.image_config import parse_image_classifier
 from models.catalog import MODEL_STORE, Catalog, ModelEntry
 from scripts.bench import loadgen
-from scripts.serving.ts_server import TorchServe, archiver_command
 from scripts.bench.in_process_rows import extract_archive, read_model_config
-from scripts.bench.measure import answer_summary, attempt, CONTENT_TYPES, ECHO_KEY, ECHO_MODEL, fmt_number, ForeignCpu, ITEM_UNITS, load_diabetes_rows, log, Measurement, ROOT
-
+from scripts.bench.measure import (CONTENT_TYPES, ECHO_KEY, ECHO_MODEL, ITEM_UNITS, ROOT, ForeignCpu, Measurement,
+                                   answer_summary, attempt, fmt_number, load_diabetes_rows, log)
+from scripts.serving.ts_server import TorchServe, archiver_command
 
 # The stock handler's model file must define exactly one class, which its loader instantiates
 # without arguments before loading the state_dict: this one returns the catalog's own network
@@ -32,19 +34,9 @@ class ImageClassifier:
     def __new__(cls):
         return source.{factory}(**{kwargs!r})
 '''
-
-
-
-
 ECHO_HANDLER = os.path.join(ROOT, "scripts", "bench", "echo_handler.py")
-
-
 ECHO_REGISTRATION = {"batch_size": 8, "max_batch_delay": 5, "initial_workers": 1, "response_timeout": 30}
-
-
 ECHO_BODIES = 8  # the first held-out diabetes rows: the smallest real request bodies of the bench
-
-
 CLIENTS = {"wrk": "wrk (C, 1 event-loop thread, keep-alive connections)",
            "python": "Python threads in the bench's process (one requests session each)"}
 

@@ -19,6 +19,7 @@ import tempfile
 import time
 from typing import Dict
 
+from models.catalog import MODEL_STORE, Catalog, load_catalog
 from models.families import FOUNDATION_MODEL
 from models.sample_data import phone_photo_bytes, photo_bytes
 from scripts.bench import loadgen
@@ -26,7 +27,6 @@ from scripts.bench.in_process_rows import InProcessPipeline, extract_archive, re
 from scripts.bench.measure import CONTENT_TYPES, RESULTS_DIR, worker_value
 from scripts.bench.report import machine_description
 from scripts.bench.served import ServedVariant, catalog_registration, register, unregister
-from models.catalog import MODEL_STORE, Catalog, load_catalog
 from scripts.serving.ts_server import TorchServe
 
 LATENCY_SETTINGS = {"batch_size": 1, "max_batch_delay": 0}

@@ -39,10 +39,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence
 
-from scripts.bench import measure, report, served
-from scripts.bench import loadgen
-from scripts.serving import tuned_profile as tp
 from models.catalog import MODEL_STORE, ROOT, Catalog, ModelEntry, load_catalog
+from scripts.bench import loadgen, measure, report, served
+from scripts.serving import tuned_profile as tp
 from scripts.serving.ts_server import TorchServe
 
 STAGES = ("archive", "workers", "batching", "latency")

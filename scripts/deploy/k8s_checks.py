@@ -3,8 +3,10 @@ its apiVersion serves its kind in Kubernetes KUBERNETES_VERSION, it comes back u
 kubernetes client's models, and the project's rules hold (scripts/deploy/k8s.py's docstring)."""
 import re
 from typing import List, Optional, Sequence
+
 from models.catalog import Catalog, load_catalog
-from scripts.deploy.pods import container_security_problems, DeployError, KUBERNETES_VERSION, lost_in_round_trip, ManifestError, server_ports, to_sdk_model
+from scripts.deploy.pods import (KUBERNETES_VERSION, DeployError, ManifestError, container_security_problems,
+                                 lost_in_round_trip, server_ports, to_sdk_model)
 
 
 def _snake(kind: str) -> str:

@@ -77,8 +77,8 @@ SDK_ALIASES = {
 
 
 def _sdk_class(type_name: str):
-    import kubernetes.client.models
     import kserve.models
+    import kubernetes.client.models
     type_name = SDK_ALIASES.get(type_name, type_name)
     for module in (kserve.models, kubernetes.client.models):
         if hasattr(module, type_name):
