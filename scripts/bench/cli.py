@@ -69,7 +69,7 @@ from scripts.bench.served import CLIENTS, echo_variant, run_served
 
 # -- main ----------------------------------------------------------------------------------------
 def parse_args(argv, variant_names: Sequence[str]):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__.split("\n\n")[0])
     # 15 s and 10 s keep the whole default run (4 foundation rows, 2 x 5 image variant rows, 3 text
     # and 2 tabular rows) near 12 minutes on a 2-core machine; the rates are stable well within that.
     parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per served row")
