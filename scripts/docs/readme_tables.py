@@ -242,8 +242,9 @@ def main(argv=None) -> int:
             print(f"recorded {os.path.relpath(latest, ROOT)} in {os.path.relpath(path, ROOT)}")
         args.command = "write"
     if args.command == "record-tune":
-        copy_result(tuned_latest(), TUNED_RESULTS, "make tune")
-        print(f"recorded {os.path.relpath(tuned_latest(), ROOT)} in {os.path.relpath(TUNED_RESULTS, ROOT)}")
+        latest = tuned_latest()
+        copy_result(latest, TUNED_RESULTS, "make tune")
+        print(f"recorded {os.path.relpath(latest, ROOT)} in {os.path.relpath(TUNED_RESULTS, ROOT)}")
         args.command = "write"
     pages = rendered_pages()
     if args.command == "check":
